@@ -1,0 +1,48 @@
+# One entry point for every check: `make test` is what CI runs (.ci/run).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test check fmt lint typecheck pytest bench system-deps bench-deps clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+## run: start the agent with the example services on embedded defaults
+run: $(STAMP)
+	$(BIN)/waypost agent --dev --config examples/services.hcl
+
+## test: install what the tests need (apt packages when root), then every check
+test: system-deps $(STAMP)
+	$(MAKE) check
+
+check: fmt lint typecheck pytest
+
+fmt:
+	$(BIN)/ruff format --check discovery netsetup tests
+
+lint:
+	$(BIN)/ruff check discovery netsetup tests
+
+typecheck:
+	$(BIN)/mypy --strict discovery netsetup
+
+pytest:
+	$(BIN)/pytest -q
+
+system-deps:
+	./.ci/system-deps test
+
+bench-deps: $(STAMP)
+	./.ci/system-deps bench
+
+## bench: the benchmarks in tests/bench (not part of the test suite)
+bench: bench-deps
+	$(BIN)/python -m tests.bench.dns_qps
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,201 @@
+"""The registry of service instances.  State: the single owner that mutates it.
+
+Writers call :class:`Registry` methods from the event loop; each call that
+changes something publishes a new immutable :class:`Snapshot` with a higher
+index.  Readers (DNS, HTTP) take ``registry.snapshot`` and never lock: a
+snapshot and everything reachable from it never changes.
+
+Subscribers are called synchronously after each publish with the new
+snapshot and the set of service keys whose instances changed, so caches and
+blocking queries can wake only what is affected.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+
+from discovery.errors import NotFoundError
+from discovery.model import Health, Instance, Node
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Alloc:
+    """An allocation's addresses, for `<alloc-id-prefix>.alloc.<domain>`."""
+
+    id: str
+    addresses: tuple[str, ...]
+    name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """An immutable view of the registry at one index."""
+
+    index: int
+    instances: Mapping[str, Instance]  # by instance id
+    services: Mapping[str, tuple[Instance, ...]]  # by lower-case service name, ordered by id
+    nodes: Mapping[str, Node]  # by lower-case node name
+    allocs: Mapping[str, Alloc] = field(default_factory=lambda: MappingProxyType({}))
+    service_index: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    local_node: str = ""
+
+    def service(self, name: str) -> tuple[Instance, ...]:
+        """Instances of service `name` (case-insensitive), any health."""
+        return self.services.get(name.lower(), ())
+
+
+Subscriber = Callable[[Snapshot, frozenset[str]], None]
+
+
+class Registry:
+    """Owns the instances, nodes and allocations; publishes snapshots."""
+
+    def __init__(self, local_node: Node, *, index: int = 0) -> None:
+        self._local = local_node
+        self._subscribers: list[Subscriber] = []
+        nodes = {local_node.name.lower(): local_node}
+        self._snapshot = Snapshot(
+            index=index,
+            instances=MappingProxyType({}),
+            services=MappingProxyType({}),
+            nodes=MappingProxyType(nodes),
+            local_node=local_node.name,
+        )
+
+    @property
+    def snapshot(self) -> Snapshot:
+        """The current snapshot.  Never changes once returned."""
+        return self._snapshot
+
+    @property
+    def local_node(self) -> Node:
+        return self._local
+
+    def subscribe(self, callback: Subscriber) -> Callable[[], None]:
+        """Call `callback(snapshot, changed_keys)` after each change; returns an unsubscribe."""
+        self._subscribers.append(callback)
+        return lambda: self._subscribers.remove(callback)
+
+    # -- changes ---------------------------------------------------------------
+
+    def upsert(self, *instances: Instance) -> Snapshot:
+        """Add or replace instances by id."""
+        return self.apply(upserts=instances)
+
+    def remove(self, *ids: str) -> Snapshot:
+        """Remove instances by id; unknown ids raise NotFoundError and nothing changes."""
+        missing = [i for i in ids if i not in self._snapshot.instances]
+        if missing:
+            raise NotFoundError(f"unknown service instance {missing[0]!r}")
+        return self.apply(removals=ids)
+
+    def set_health(self, instance_id: str, health: Health) -> Snapshot:
+        """Change one instance's health."""
+        current = self._snapshot.instances.get(instance_id)
+        if current is None:
+            raise NotFoundError(f"unknown service instance {instance_id!r}")
+        if current.health is health:
+            return self._snapshot
+        return self.apply(upserts=[replace(current, health=health)])
+
+    def replace_source(
+        self, source: str, instances: Iterable[Instance], nodes: Iterable[Node] = ()
+    ) -> Snapshot:
+        """Make `instances` the whole set owned by `source` (config reload, Consul pull)."""
+        wanted = {i.id: i for i in instances}
+        stale = [
+            i.id for i in self._snapshot.instances.values() if i.source == source and i.id not in wanted
+        ]
+        return self.apply(upserts=wanted.values(), removals=stale, nodes=nodes)
+
+    def put_alloc(self, alloc: Alloc) -> Snapshot:
+        return self.apply(allocs=[alloc])
+
+    def drop_alloc(self, alloc_id: str) -> Snapshot:
+        return self.apply(drop_allocs=[alloc_id])
+
+    def apply(
+        self,
+        *,
+        upserts: Iterable[Instance] = (),
+        removals: Iterable[str] = (),
+        nodes: Iterable[Node] = (),
+        allocs: Iterable[Alloc] = (),
+        drop_allocs: Iterable[str] = (),
+    ) -> Snapshot:
+        """Apply a batch of changes atomically and publish one snapshot if anything changed.
+
+        Unknown ids in `removals` are ignored (removing is idempotent here;
+        :meth:`remove` is the strict variant).
+        """
+        old = self._snapshot
+        instances = dict(old.instances)
+        # Per touched service key: its members by id, edited in place, so a
+        # change costs O(size of the services it touches), not O(registry).
+        members: dict[str, dict[str, Instance]] = {}
+
+        def bucket(key: str) -> dict[str, Instance]:
+            found = members.get(key)
+            if found is None:
+                found = members[key] = {i.id: i for i in old.services.get(key, ())}
+            return found
+
+        for inst in upserts:
+            prev = instances.get(inst.id)
+            if prev == inst:
+                continue
+            if prev is not None:
+                bucket(prev.key).pop(prev.id, None)
+            instances[inst.id] = inst
+            bucket(inst.key)[inst.id] = inst
+        for ident in removals:
+            prev = instances.pop(ident, None)
+            if prev is not None:
+                bucket(prev.key).pop(prev.id, None)
+        node_map = dict(old.nodes)
+        nodes_changed = False
+        for node in nodes:
+            if node_map.get(node.name.lower()) != node:
+                node_map[node.name.lower()] = node
+                nodes_changed = True
+        alloc_map = dict(old.allocs)
+        allocs_changed = False
+        for alloc in allocs:
+            if alloc_map.get(alloc.id) != alloc:
+                alloc_map[alloc.id] = alloc
+                allocs_changed = True
+        for alloc_id in drop_allocs:
+            allocs_changed |= alloc_map.pop(alloc_id, None) is not None
+        if not members and not nodes_changed and not allocs_changed:
+            return old
+        index = old.index + 1
+        services = dict(old.services)
+        service_index = dict(old.service_index)
+        for key, group in members.items():
+            service_index[key] = index
+            if group:
+                services[key] = tuple(group[i] for i in sorted(group))
+            else:
+                services.pop(key, None)
+        snap = Snapshot(
+            index=index,
+            instances=MappingProxyType(instances),
+            services=MappingProxyType(services),
+            nodes=MappingProxyType(node_map) if nodes_changed else old.nodes,
+            allocs=MappingProxyType(alloc_map) if allocs_changed else old.allocs,
+            service_index=MappingProxyType(service_index),
+            local_node=old.local_node,
+        )
+        self._snapshot = snap
+        changed = frozenset(members)
+        for callback in list(self._subscribers):
+            try:
+                callback(snap, changed)
+            except Exception:  # a subscriber must not break the writer
+                log.exception("registry subscriber %r failed", callback)
+        return snap
