@@ -54,7 +54,7 @@ EMPTY_META: Mapping[str, str] = MappingProxyType({})
 EMPTY_PORTS: Mapping[str, int] = MappingProxyType({})
 
 
-@dataclass(frozen=True, slots=True, eq=True)
+@dataclass(frozen=True, slots=True)
 class Instance:
     """One endpoint of one service.  Immutable; build it with :func:`make_instance`."""
 
@@ -64,8 +64,10 @@ class Instance:
     address: str  # canonical textual IPv4 or IPv6 address
     port: int
     tags: tuple[str, ...] = ()
-    meta: Mapping[str, str] = field(default=EMPTY_META, hash=False)
-    ports: Mapping[str, int] = field(default=EMPTY_PORTS, hash=False)  # label -> port
+    meta: Mapping[str, str] = field(default_factory=lambda: EMPTY_META, hash=False)
+    ports: Mapping[str, int] = field(
+        default_factory=lambda: EMPTY_PORTS, hash=False
+    )  # label -> port
     weights: Weights = Weights()
     priority: int = 1
     health: Health = Health.PASSING
@@ -91,7 +93,7 @@ class Node:
     name: str
     address: str
     datacenter: str = ""
-    meta: Mapping[str, str] = field(default=EMPTY_META, hash=False)
+    meta: Mapping[str, str] = field(default_factory=lambda: EMPTY_META, hash=False)
 
 
 def is_label(name: str) -> bool:
@@ -178,7 +180,9 @@ def _check_meta(meta: object, fieldname: str) -> Mapping[str, str]:
     for key, value in meta.items():
         key = _check_str(key, f"{fieldname} key", MAX_META_KEY)
         if not re.match(r"^[A-Za-z0-9_-]+$", key):
-            raise ValidationError(f"{fieldname}.{key}", "key may hold only letters, digits, _ and -")
+            raise ValidationError(
+                f"{fieldname}.{key}", "key may hold only letters, digits, _ and -"
+            )
         out[key] = _check_str(value, f"{fieldname}.{key}", MAX_META_VALUE, empty=True)
     return MappingProxyType(out)
 
@@ -244,7 +248,7 @@ def make_instance(
             raise ValidationError(f"meta.{META_PRIORITY}", f"{raw!r} is not an integer 0-65535")
         priority = int(raw)
     try:
-        state = Health(health)
+        state = Health(str(health))
     except ValueError:
         raise ValidationError("health", f"{health!r} is not passing, warning or critical") from None
     return Instance(
@@ -263,4 +267,3 @@ def make_instance(
         alloc_id=alloc_id,
         source=source,
     )
-

@@ -109,7 +109,9 @@ class Registry:
         """Make `instances` the whole set owned by `source` (config reload, Consul pull)."""
         wanted = {i.id: i for i in instances}
         stale = [
-            i.id for i in self._snapshot.instances.values() if i.source == source and i.id not in wanted
+            i.id
+            for i in self._snapshot.instances.values()
+            if i.source == source and i.id not in wanted
         ]
         return self.apply(upserts=wanted.values(), removals=stale, nodes=nodes)
 
