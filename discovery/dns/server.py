@@ -1,0 +1,501 @@
+"""DNS over UDP and TCP on one port.  Adapter: asyncio sockets around the Responder.
+
+No DNS logic lives here: every message goes to :meth:`Responder.respond` and
+its bytes go back to the client.  The server only frames messages, relays
+forwarded queries (:mod:`discovery.dns.forward`) and enforces resource limits.
+
+- UDP: :meth:`_UdpProtocol.datagram_received` answers synchronously; it is the
+  hot path, so it creates no task, logs nothing and allocates nothing besides
+  what the responder returns.
+- TCP (RFC 7766): 2-octet length framing, several pipelined queries per
+  connection (forwarded ones may be answered out of order, section 6.2.1.1),
+  an idle timeout (section 6.2.3), a cap on connections and on outstanding
+  queries per connection (section 6.2.2: servers must protect themselves).
+- Forwarded queries run as tasks, at most `max_forwards` at a time; beyond
+  that, or when every recursor fails, the client gets SERVFAIL.
+
+Error handling: an exception from the responder becomes
+:meth:`Responder.servfail` and serving goes on; each exception type is logged
+at most once per :data:`ERROR_LOG_INTERVAL` with a count of the ones skipped.
+An error on one client's socket only affects that client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+import time
+from collections.abc import Callable
+from typing import Any, cast
+
+from discovery.dns.forward import forward_query
+from discovery.dns.responder import ForwardQuery, Responder
+
+log = logging.getLogger(__name__)
+
+# RFC 7766 section 6.2.2: a server must limit the resources one client can take.
+MAX_TCP_CONNECTIONS = 512
+# Forwarded queries outstanding on one TCP connection before we stop reading it.
+MAX_TCP_PENDING = 64
+# Forwarded queries in flight over the whole server; beyond that: SERVFAIL.
+MAX_FORWARDS = 1000
+# Port 0: UDP picks a free port, TCP may find it taken; then try another one.
+BIND_ATTEMPTS = 5
+# A large receive buffer absorbs bursts instead of dropping them (capped by rmem_max).
+UDP_RECEIVE_BUFFER = 4 * 1024 * 1024
+TCP_BACKLOG = 256
+ERROR_LOG_INTERVAL = 60.0  # seconds between two log lines for one exception type
+# RFC 1035 section 4.1.1: the header is 12 octets; shorter is not a message.
+HEADER_SIZE = 12
+# RFC 1035 section 4.2.2: TCP messages carry a 16-bit length prefix.
+LENGTH_PREFIX = 2
+MAX_TCP_MESSAGE = 65535
+# RFC 1035 section 4.1.1: RA is the top bit of the header's fourth octet.
+RA_BIT = 0x80
+MIN_TIMER = 0.05  # seconds; re-arming the idle timer sooner than this is pointless
+
+Send = Callable[[bytes], None]
+
+
+class _ErrorLog:
+    """Logs each exception type at most once per interval, counting the ones skipped."""
+
+    def __init__(self, interval: float = ERROR_LOG_INTERVAL) -> None:
+        self._interval = interval
+        self._last: dict[type[BaseException], float] = {}
+        self._skipped: dict[type[BaseException], int] = {}
+
+    def report(self, what: str, exc: BaseException) -> None:
+        kind = type(exc)
+        now = time.monotonic()
+        last = self._last.get(kind)
+        if last is not None and now - last < self._interval:
+            self._skipped[kind] = self._skipped.get(kind, 0) + 1
+            return
+        self._last[kind] = now
+        skipped = self._skipped.pop(kind, 0)
+        log.error(
+            "%s (%d more %s not logged in the last %.0f s)",
+            what,
+            skipped,
+            kind.__name__,
+            self._interval,
+            exc_info=exc,
+        )
+
+
+class DnsServer:
+    """A running DNS server: UDP and TCP on `host`:`port`.  Built by :func:`start_dns`."""
+
+    def __init__(
+        self, responder: Responder, *, max_tcp_connections: int, max_forwards: int
+    ) -> None:
+        self.responder = responder
+        self.host = ""
+        self.port = 0
+        self.max_tcp_connections = max_tcp_connections
+        self.max_forwards = max_forwards
+        self._udp: asyncio.DatagramTransport | None = None
+        self._udp_protocol: _UdpProtocol | None = None
+        self._tcp: asyncio.Server | None = None
+        self._connections: set[_TcpConnection] = set()
+        self._forwards: set[asyncio.Task[None]] = set()
+        self._errors = _ErrorLog()
+        self._closing = False
+
+    def close(self) -> None:
+        """Stop listening, cancel forwarded queries and drop client connections."""
+        self._closing = True
+        if self._udp is not None:
+            self._udp.close()
+        if self._tcp is not None:
+            self._tcp.close()
+        for task in list(self._forwards):
+            task.cancel()
+        for conn in list(self._connections):
+            conn.abort()
+
+    async def wait_closed(self) -> None:
+        """Wait until every socket is closed and every forwarded query has ended."""
+        if self._tcp is not None:
+            await self._tcp.wait_closed()
+        await asyncio.gather(*self._forwards, return_exceptions=True)
+        waiters = [conn.closed for conn in self._connections]
+        if self._udp_protocol is not None:
+            waiters.append(self._udp_protocol.closed)
+        await asyncio.gather(*waiters)
+
+    # -- used by the protocols ---------------------------------------------------
+
+    def failed(self, exc: Exception, data: bytes) -> bytes | None:
+        """The reply to `data` after the responder raised `exc`: SERVFAIL, or None."""
+        self._errors.report("DNS responder failed; answering SERVFAIL", exc)
+        return self.servfail(data)
+
+    def servfail(self, data: bytes) -> bytes | None:
+        try:
+            return self.responder.servfail(data)
+        except Exception as exc:
+            self._errors.report("DNS responder could not build SERVFAIL; dropping", exc)
+            return None
+
+    def report(self, what: str, exc: BaseException) -> None:
+        self._errors.report(what, exc)
+
+    def admit(self, conn: _TcpConnection) -> bool:
+        """Register a new TCP connection, or refuse it when at the limit."""
+        if self._closing or len(self._connections) >= self.max_tcp_connections:
+            return False
+        self._connections.add(conn)
+        return True
+
+    def forget(self, conn: _TcpConnection) -> None:
+        self._connections.discard(conn)
+
+    def forward(
+        self, query: bytes, data: bytes, send: Send, *, tcp: bool
+    ) -> asyncio.Task[None] | None:
+        """Start relaying `query` to the recursors; the reply (or SERVFAIL) goes to `send`.
+
+        Returns the task, or None when none was started (closing, or over the
+        limit: then SERVFAIL was sent at once).
+        """
+        if self._closing:
+            return None
+        if len(self._forwards) >= self.max_forwards:
+            reply = self.servfail(data)
+            if reply is not None:
+                send(reply)
+            return None
+        task = asyncio.get_running_loop().create_task(self._relay(query, data, send, tcp))
+        self._forwards.add(task)
+        task.add_done_callback(self._forwards.discard)
+        return task
+
+    async def _relay(self, query: bytes, data: bytes, send: Send, tcp: bool) -> None:
+        settings = self.responder.settings
+        try:
+            reply = await forward_query(
+                query, settings.recursors, settings.recursor_timeout, tcp=tcp
+            )
+        except Exception as exc:
+            self._errors.report("DNS forwarding failed; answering SERVFAIL", exc)
+            reply = None
+        if reply is None:
+            reply = self.servfail(data)
+        else:
+            # The client may recurse through us (the responder checked), so say so,
+            # whatever the upstream said (an authoritative upstream sends RA=0).
+            reply = reply[:3] + bytes((reply[3] | RA_BIT,)) + reply[4:]
+        if reply is not None:
+            send(reply)
+
+
+class _UdpProtocol(asyncio.DatagramProtocol):
+    """One socket for every UDP client; answers in `datagram_received`."""
+
+    def __init__(self, server: DnsServer) -> None:
+        self._server = server
+        self._respond = server.responder.respond
+        self._transport: asyncio.DatagramTransport | None = None
+        self._sendto: Callable[[bytes, Any], None] = _discard
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # cast: asyncio's own UDP transport only subclasses DatagramTransport from 3.12.
+        self._transport = cast(asyncio.DatagramTransport, transport)
+        self._sendto = self._transport.sendto
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        try:
+            reply = self._respond(data, client=addr[0], tcp=False)
+        except Exception as exc:
+            reply = self._server.failed(exc, data)
+        if reply is None:
+            return
+        if isinstance(reply, ForwardQuery):
+            self._server.forward(reply.query, data, self._sender(addr), tcp=False)
+            return
+        self._sendto(reply, addr)
+
+    def _sender(self, addr: tuple[str | Any, int]) -> Send:
+        def send(reply: bytes) -> None:
+            transport = self._transport
+            if transport is not None and not transport.is_closing():
+                transport.sendto(reply, addr)
+
+        return send
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP errors (port unreachable...) about an earlier reply: that client is gone.
+        log.debug("DNS UDP socket error: %s", exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+def _discard(data: bytes, addr: Any) -> None:
+    """The `sendto` of a protocol whose transport is not there yet."""
+
+
+class _TcpConnection(asyncio.Protocol):
+    """One TCP client (RFC 7766): framing, pipelining, idle timeout, backpressure."""
+
+    def __init__(self, server: DnsServer) -> None:
+        self._server = server
+        self._respond = server.responder.respond
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._client = ""
+        self._buffer = bytearray()
+        self._pending = 0  # forwarded queries not answered yet
+        self._last_active = self._loop.time()
+        self._timer: asyncio.TimerHandle | None = None
+        self._write_paused = False
+        self._read_paused = False
+        self._eof = False
+        self.closed: asyncio.Future[None] = self._loop.create_future()
+
+    # -- asyncio callbacks -------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        if not self._server.admit(self):
+            self._transport.abort()
+            return
+        peer = transport.get_extra_info("peername")
+        self._client = str(peer[0]) if peer else ""
+        self._arm_timer(self._server.responder.settings.tcp_idle_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        self._drain()
+
+    def eof_received(self) -> bool | None:
+        self._eof = True
+        # Keep our half open while forwarded answers are still to be written.
+        return True if self._pending else None
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._update_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._server.forget(self)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._transport = None
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    # -- framing -------------------------------------------------------------------
+
+    def _drain(self) -> None:
+        """Answer every complete message in the buffer, up to the pending limit."""
+        buf = self._buffer
+        end = len(buf)
+        pos = 0
+        while end - pos >= LENGTH_PREFIX and self._pending < MAX_TCP_PENDING:
+            size = buf[pos] << 8 | buf[pos + 1]
+            if size < HEADER_SIZE:
+                # A zero length or a message shorter than a header: the framing
+                # cannot be trusted any more, so close (RFC 7766 section 6.2.4 allows it).
+                self._close()
+                return
+            stop = pos + LENGTH_PREFIX + size
+            if stop > end:
+                break
+            self._answer(bytes(buf[pos + LENGTH_PREFIX : stop]))
+            pos = stop
+            if self._transport is None or self._transport.is_closing():
+                return
+        if pos:
+            del buf[:pos]
+        self._update_reading()
+
+    def _answer(self, message: bytes) -> None:
+        self._last_active = self._loop.time()
+        try:
+            reply = self._respond(message, client=self._client, tcp=True)
+        except Exception as exc:
+            reply = self._server.failed(exc, message)
+        if reply is None:
+            return
+        if isinstance(reply, ForwardQuery):
+            task = self._server.forward(
+                reply.query, message, lambda answer: self._send(answer, message), tcp=True
+            )
+            if task is not None:
+                self._pending += 1
+                task.add_done_callback(self._forward_done)
+            return
+        self._send(reply, message)
+
+    def _send(self, reply: bytes, query: bytes) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        if len(reply) > MAX_TCP_MESSAGE:
+            self._server.report(
+                "DNS reply does not fit a TCP frame; answering SERVFAIL",
+                OverflowError(f"reply of {len(reply)} octets > {MAX_TCP_MESSAGE}"),
+            )
+            servfail = self._server.servfail(query)
+            if servfail is None or len(servfail) > MAX_TCP_MESSAGE:
+                return
+            reply = servfail
+        transport.write(len(reply).to_bytes(LENGTH_PREFIX, "big") + reply)
+        self._last_active = self._loop.time()
+
+    def _forward_done(self, task: asyncio.Task[None]) -> None:
+        self._pending -= 1
+        self._last_active = self._loop.time()
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        self._drain()
+        if self._eof and not self._pending and not transport.is_closing():
+            transport.close()  # the client half-closed and has every answer now
+
+    # -- limits ----------------------------------------------------------------------
+
+    def _update_reading(self) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        if self._eof:
+            return  # nothing more to read; resuming would only report EOF again
+        want_paused = self._write_paused or self._pending >= MAX_TCP_PENDING
+        if want_paused and not self._read_paused:
+            transport.pause_reading()
+        elif not want_paused and self._read_paused:
+            transport.resume_reading()
+        self._read_paused = want_paused
+
+    def _arm_timer(self, delay: float) -> None:
+        self._timer = self._loop.call_later(max(delay, MIN_TIMER), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._transport is None or self._transport.is_closing():
+            return
+        timeout = self._server.responder.settings.tcp_idle_timeout
+        idle = self._loop.time() - self._last_active
+        if self._pending or idle < timeout:
+            self._arm_timer(timeout - idle if idle < timeout else timeout)
+            return
+        # RFC 7766 section 6.2.3: the server closes connections that stay idle.
+        self._close()
+
+    def _close(self) -> None:
+        transport = self._transport
+        if transport is None:
+            return
+        if transport.get_write_buffer_size():
+            transport.abort()  # the client does not read: do not wait for it
+        else:
+            transport.close()
+
+
+async def start_dns(
+    responder: Responder,
+    host: str,
+    port: int,
+    *,
+    max_tcp_connections: int = MAX_TCP_CONNECTIONS,
+    max_forwards: int = MAX_FORWARDS,
+) -> DnsServer:
+    """Serve DNS for `responder` on `host`:`port`, UDP and TCP; port 0 picks a free port.
+
+    Error handling: an address that cannot be resolved or bound raises OSError
+    naming the protocol and address (errno kept); nothing stays open then.
+    """
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(
+            host, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE | socket.AI_NUMERICSERV
+        )
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot resolve DNS listen address {host!r}: {exc}") from exc
+    family, _, _, _, sockaddr = infos[0]
+    udp_sock, tcp_sock = _bind_pair(family, sockaddr, attempts=BIND_ATTEMPTS if port == 0 else 1)
+    server = DnsServer(
+        responder, max_tcp_connections=max_tcp_connections, max_forwards=max_forwards
+    )
+    server.host, server.port = udp_sock.getsockname()[:2]
+    try:
+        udp, udp_protocol = await loop.create_datagram_endpoint(
+            lambda: _UdpProtocol(server), sock=udp_sock
+        )
+    except BaseException:
+        udp_sock.close()
+        tcp_sock.close()
+        raise
+    server._udp, server._udp_protocol = udp, udp_protocol
+    try:
+        server._tcp = await loop.create_server(
+            lambda: _TcpConnection(server), sock=tcp_sock, backlog=TCP_BACKLOG
+        )
+    except BaseException:
+        tcp_sock.close()
+        server.close()
+        await server.wait_closed()
+        raise
+    log.info("DNS serving on %s port %d (UDP and TCP)", server.host, server.port)
+    return server
+
+
+def _bind_pair(
+    family: int, sockaddr: tuple[Any, ...], *, attempts: int
+) -> tuple[socket.socket, socket.socket]:
+    """A UDP and a TCP socket bound to the same port (UDP first when the port is 0)."""
+    for attempt in range(attempts):
+        udp = _bind(family, socket.SOCK_DGRAM, sockaddr)
+        port = udp.getsockname()[1]
+        try:
+            tcp = _bind(family, socket.SOCK_STREAM, (sockaddr[0], port, *sockaddr[2:]))
+        except OSError as exc:
+            udp.close()
+            if exc.errno == errno.EADDRINUSE and attempt + 1 < attempts:
+                continue  # port 0: the TCP side of this port is taken, try another
+            raise
+        return udp, tcp
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _bind(family: int, kind: int, sockaddr: tuple[Any, ...]) -> socket.socket:
+    proto = "TCP" if kind == socket.SOCK_STREAM else "UDP"
+    sock = socket.socket(family, kind)
+    try:
+        if family == socket.AF_INET6:
+            # "::" means IPv6 only, for UDP and TCP alike (asyncio does this for TCP).
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if kind == socket.SOCK_STREAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        else:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RECEIVE_BUFFER)
+        sock.bind(sockaddr)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        where = (
+            f"[{sockaddr[0]}]:{sockaddr[1]}"
+            if ":" in sockaddr[0]
+            else f"{sockaddr[0]}:{sockaddr[1]}"
+        )
+        raise OSError(
+            exc.errno, f"cannot bind DNS {proto} socket to {where}: {exc.strerror}"
+        ) from exc
+    return sock
