@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from discovery.dns import wire
 from discovery.dns.names import (
@@ -45,6 +45,16 @@ DEP_NODES = None  # cleared only when nodes or allocations change
 
 
 @dataclass(frozen=True, slots=True)
+class Body:
+    """A rendered reply after the question, without the OPT record (see render.py)."""
+
+    data: bytes
+    answers: int
+    additional: int
+    truncated: bool
+
+
+@dataclass(frozen=True, slots=True)
 class Prepared:
     """An answer ready to be rendered for any query with this question."""
 
@@ -58,6 +68,10 @@ class Prepared:
     authoritative: bool = True
     outside: bool = False  # not in any zone: REFUSED or forwarded
     dep: str | None = DEP_ALWAYS  # cache dependency: a service key, DEP_ALWAYS or DEP_NODES
+    # Renderings memoized by discovery.dns.render, keyed by (size budget, answer limit).
+    memo: dict[tuple[int, int], tuple[Body, ...]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
 
 @dataclass(frozen=True, slots=True)

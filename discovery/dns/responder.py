@@ -1,11 +1,12 @@
 """The DNS responder: query bytes in, reply bytes out.  Pure core (no I/O).
 
-:func:`answer` is the whole protocol logic as a function of the query, a
-registry snapshot and the settings.  :class:`Responder` memoizes its
-expensive half (:func:`discovery.dns.records.prepare`) per question and
-snapshot, so the per-query work is: parse the header and question, one dict
-lookup, shuffle, and join pre-encoded records (the server adapters in
-:mod:`discovery.dns.server` only frame bytes).
+:class:`Responder` is the protocol logic as a function of the query, the
+registry's current snapshot and the settings.  It memoizes the expensive
+half, :func:`discovery.dns.records.prepare`, per lower-cased question until
+the registry changes what that question depends on; per query it parses the
+header and question, does one dict lookup, and :func:`discovery.dns.render.render`
+joins pre-encoded records in a random order.  The server adapters in
+:mod:`discovery.dns.server` only frame bytes.
 
 Error handling: respond() never raises; an internal error is logged and
 answered with SERVFAIL.
@@ -14,20 +15,14 @@ answered with SERVFAIL.
 from __future__ import annotations
 
 import logging
-import random
-import struct
 import time
 from dataclasses import dataclass
 
 from discovery.dns import wire
 from discovery.dns.codec import parse_unusual_query
-from discovery.dns.records import DEP_ALWAYS, Answer, Prepared, ZoneInfo, prepare
-from discovery.dns.settings import (
-    CLASSIC_UDP_SIZE,
-    DEFAULT_EDNS_PAYLOAD,
-    MAX_TCP_SIZE,
-    DnsSettings,
-)
+from discovery.dns.records import DEP_ALWAYS, Prepared, ZoneInfo, prepare
+from discovery.dns.render import render, render_error
+from discovery.dns.settings import DnsSettings
 from discovery.registry import Registry, Snapshot
 
 log = logging.getLogger(__name__)
@@ -36,9 +31,6 @@ log = logging.getLogger(__name__)
 MAX_CACHED = 100_000
 LOG_INTERVAL = 60.0  # seconds between two logs of the same internal error type
 MAX_CLIENTS_REMEMBERED = 4096  # recursion allow-list verdicts kept per settings
-_U16 = struct.Struct(">H")
-_RANDOM = random.random
-_SHUFFLE = random.shuffle
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,131 +160,3 @@ class Responder:
     def _clear(self) -> None:
         self._cache = {}
         self._deps = {}
-
-
-# -- rendering -------------------------------------------------------------------
-
-
-def size_limits(query: wire.Query, settings: DnsSettings, tcp: bool) -> tuple[int, int]:
-    """(message size limit, answer count limit) for this query's transport."""
-    if tcp:
-        return MAX_TCP_SIZE, MAX_TCP_SIZE
-    edns = query.edns
-    if edns is None:
-        limit = settings.udp_answer_limit
-        return CLASSIC_UDP_SIZE, limit if limit > 0 else MAX_TCP_SIZE
-    # RFC 6891 section 6.2.5: values below 512 are treated as 512.
-    payload = max(edns.payload, CLASSIC_UDP_SIZE)
-    return min(payload, max(settings.edns_max_payload, CLASSIC_UDP_SIZE)), MAX_TCP_SIZE
-
-
-def render(
-    data: bytes,
-    query: wire.Query,
-    prepared: Prepared,
-    settings: DnsSettings,
-    *,
-    tcp: bool,
-    recursion: bool,
-) -> bytes:
-    """Assemble the reply: header, the question as asked, ordered and trimmed records."""
-    name_end = query.name_end
-    question = data[wire.HEADER_SIZE : name_end + 4]
-    edns = query.edns
-    opt = b""
-    if edns is not None:
-        if edns.version > 0:  # RFC 6891 section 6.1.3
-            return _error_reply(data, wire.BADVERS, question)
-        opt = wire.encode_opt(settings.edns_max_payload, 0, edns.dnssec_ok)
-    limit, max_answers = size_limits(query, settings, tcp)
-    answers = ordered(prepared)
-    budget = limit - len(opt) - len(prepared.authority) - len(prepared.extra)
-    pos = wire.HEADER_SIZE + len(question)
-    parts = [b"", question]
-    glue: list[bytes] = []
-    seen: dict[bytes, int] = {}
-    glue_size = 0
-    truncated = False
-    count = 0
-    for record, target, tail in answers:
-        size = len(record)
-        new_glue = target is not None and target not in seen
-        extra = 2 + len(tail) if new_glue else 0
-        if count == max_answers or pos + size + glue_size + extra > budget:
-            truncated = True
-            break
-        if new_glue:
-            assert target is not None
-            offset = pos + wire.SRV_TARGET_OFFSET
-            # Point at the target inside the SRV RDATA; past 14 bits, spell it out.
-            owner = wire.pointer(offset) if offset <= wire.MAX_POINTER_OFFSET else target
-            seen[target] = offset
-            glue.append(owner + tail)
-            glue_size += len(owner) + len(tail)
-        parts.append(record)
-        pos += size
-        count += 1
-    flags = wire.FLAG_QR | (query.flags & wire.FLAG_RD) | prepared.rcode
-    if prepared.authoritative:
-        flags |= wire.FLAG_AA
-    if recursion:
-        flags |= wire.FLAG_RA
-    if truncated and settings.enable_truncate:
-        flags |= wire.FLAG_TC
-    parts.append(prepared.authority)
-    parts.extend(glue)
-    parts.append(prepared.extra)
-    parts.append(opt)
-    ar = len(glue) + prepared.extra_count + (1 if opt else 0)
-    parts[0] = wire.encode_header(data[:2], flags, 1, count, prepared.authority_count, ar)
-    return b"".join(parts)
-
-
-def ordered(prepared: Prepared) -> tuple[Answer, ...] | list[Answer]:
-    """Answers in per-query order: priority levels ascending, weighted-random within one.
-
-    RFC 2782: within a priority, a target's chance to come first is its weight
-    over the sum; Efraimidis-Spirakis keys (u ** (1/w), largest first) give
-    that distribution for the whole order in one sort.
-    """
-    groups = prepared.groups
-    if groups is None:
-        return prepared.answers
-    if len(groups) == 1 and groups[0][1] is None:
-        out = list(groups[0][0])
-        _SHUFFLE(out)
-        return out
-    result: list[Answer] = []
-    for members, weights in groups:
-        if weights is None:
-            level = list(members)
-            _SHUFFLE(level)
-        else:
-            keys = [_RANDOM() ** (1.0 / w) if w > 0 else 0.0 for w in weights]
-            level = [
-                a for _, a in sorted(zip(keys, members, strict=True), key=_first, reverse=True)
-            ]
-        result.extend(level)
-    return result
-
-
-def _first(pair: tuple[float, Answer]) -> float:
-    return pair[0]
-
-
-def render_error(data: bytes, rcode: int, question: bytes) -> bytes | None:
-    """A reply with `rcode`, no records, `question` echoed; None if `data` has no header."""
-    if len(data) < wire.HEADER_SIZE:
-        return None
-    return _error_reply(data, rcode, question)
-
-
-def _error_reply(data: bytes, rcode: int, question: bytes) -> bytes:
-    """render_error() for a message known to have a header; extended rcodes go in an OPT."""
-    flags = (data[2] << 8) | data[3]
-    reply_flags = wire.FLAG_QR | (flags & (wire.OPCODE_MASK | wire.FLAG_RD)) | (rcode & 0xF)
-    opt = b""
-    if rcode > 0xF:  # only BADVERS here; it needs an OPT to carry the upper bits
-        opt = wire.encode_opt(DEFAULT_EDNS_PAYLOAD, rcode >> 4, False)
-    header = wire.encode_header(data[:2], reply_flags, 1 if question else 0, 0, 0, 1 if opt else 0)
-    return header + question + opt

@@ -1,0 +1,193 @@
+"""Per-query assembly of a reply from a Prepared answer.  Pure: no I/O.
+
+A reply is: header, the question exactly as asked (0x20 case kept), then a
+*body* (answers, authority, glue, fixed additional records) and the OPT.
+The body depends only on the answer order and the size limits, so for the
+common small answer sets every order is rendered once and memoized on the
+Prepared; a query then picks one at random (a uniform shuffle) and adds a
+header.  Weighted SRV sets and large sets are ordered and rendered per query.
+
+Trimming (UDP): whole answers are dropped from the end of the order until the
+reply fits, and glue is only emitted for targets still answered, so the
+Additional section always matches the Answer section (Consul's syncExtra).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+
+from discovery.dns import wire
+from discovery.dns.records import Answer, Body, Prepared
+from discovery.dns.settings import (
+    CLASSIC_UDP_SIZE,
+    DEFAULT_EDNS_PAYLOAD,
+    MAX_TCP_SIZE,
+    DnsSettings,
+)
+
+# Answer sets with at most this many orders are pre-rendered in every order
+# (4 answers = 24 orders); beyond it, shuffling per query costs less memory.
+MAX_VARIANTS = 24
+_RANDOM = random.random
+_SHUFFLE = random.shuffle
+
+
+def size_limits(query: wire.Query, settings: DnsSettings, tcp: bool) -> tuple[int, int]:
+    """(message size limit, answer count limit) for this query's transport."""
+    if tcp:
+        return MAX_TCP_SIZE, MAX_TCP_SIZE
+    edns = query.edns
+    if edns is None:
+        limit = settings.udp_answer_limit
+        return CLASSIC_UDP_SIZE, limit if limit > 0 else MAX_TCP_SIZE
+    # RFC 6891 section 6.2.5: values below 512 are treated as 512.
+    payload = max(edns.payload, CLASSIC_UDP_SIZE)
+    return min(payload, max(settings.edns_max_payload, CLASSIC_UDP_SIZE)), MAX_TCP_SIZE
+
+
+def render(
+    data: bytes,
+    query: wire.Query,
+    prepared: Prepared,
+    settings: DnsSettings,
+    *,
+    tcp: bool,
+    recursion: bool,
+) -> bytes:
+    """The reply to `data`: header, question as asked, a body in random order, OPT."""
+    question = data[wire.HEADER_SIZE : query.name_end + 4]
+    edns = query.edns
+    opt = b""
+    if edns is not None:
+        if edns.version > 0:  # RFC 6891 section 6.1.3
+            return error_reply(data, wire.BADVERS, question)
+        opt = wire.encode_opt(settings.edns_max_payload, 0, edns.dnssec_ok)
+    limit, max_answers = size_limits(query, settings, tcp)
+    body = pick_body(prepared, wire.HEADER_SIZE + len(question), limit - len(opt), max_answers)
+    flags = wire.FLAG_QR | (query.flags & wire.FLAG_RD) | prepared.rcode
+    if prepared.authoritative:
+        flags |= wire.FLAG_AA
+    if recursion:
+        flags |= wire.FLAG_RA
+    if body.truncated and settings.enable_truncate:
+        flags |= wire.FLAG_TC
+    additional = body.additional + (1 if opt else 0)
+    header = wire.encode_header(
+        data[:2], flags, 1, body.answers, prepared.authority_count, additional
+    )
+    return header + question + body.data + opt
+
+
+def pick_body(prepared: Prepared, start: int, budget: int, max_answers: int) -> Body:
+    """A body in a random order: from the memoized renderings when the set is small."""
+    memo = prepared.memo
+    key = (budget, max_answers)
+    variants = memo.get(key)
+    if variants is None:
+        orders = all_orders(prepared)
+        if orders is None:
+            return render_body(prepared, ordered(prepared), start, budget, max_answers)
+        variants = memo[key] = tuple(
+            render_body(prepared, order, start, budget, max_answers) for order in orders
+        )
+    if len(variants) == 1:
+        return variants[0]
+    return variants[int(_RANDOM() * len(variants))]
+
+
+def all_orders(prepared: Prepared) -> list[tuple[Answer, ...]] | None:
+    """Every answer order the shuffle can produce, or None if weighted or too many."""
+    groups = prepared.groups
+    if groups is None:
+        return [prepared.answers]
+    total = 1
+    for members, weights in groups:
+        if weights is not None:
+            return None
+        total *= math.factorial(len(members))
+        if total > MAX_VARIANTS:
+            return None
+    levels = [list(itertools.permutations(members)) for members, _ in groups]
+    return [tuple(a for level in combo for a in level) for combo in itertools.product(*levels)]
+
+
+def ordered(prepared: Prepared) -> tuple[Answer, ...] | list[Answer]:
+    """Answers in a fresh random order: priority levels ascending, weighted within one.
+
+    RFC 2782: within a priority, a target's chance to come first is its weight
+    over the level's sum; Efraimidis-Spirakis keys (u ** (1/w), largest first)
+    give that distribution for the whole order in one sort.  Weight 0 sorts last.
+    """
+    groups = prepared.groups
+    if groups is None:
+        return prepared.answers
+    result: list[Answer] = []
+    for members, weights in groups:
+        if weights is None:
+            level = list(members)
+            _SHUFFLE(level)
+            result.extend(level)
+        else:
+            keys = [_RANDOM() ** (1.0 / w) if w > 0 else -1.0 for w in weights]
+            ranked = sorted(range(len(members)), key=keys.__getitem__, reverse=True)
+            result.extend(members[i] for i in ranked)
+    return result
+
+
+def render_body(
+    prepared: Prepared,
+    answers: tuple[Answer, ...] | list[Answer],
+    start: int,
+    budget: int,
+    max_answers: int,
+) -> Body:
+    """Answers in the given order, trimmed to `budget` bytes and `max_answers`, with glue.
+
+    `start` is the offset where the answer section begins (after the question).
+    """
+    budget -= len(prepared.authority) + len(prepared.extra)
+    pos = start
+    records: list[bytes] = []
+    glue: list[bytes] = []
+    seen: set[bytes] = set()
+    glue_size = 0
+    truncated = False
+    for record, target, tail in answers:
+        owner = b""
+        if target is not None and target not in seen:
+            offset = pos + wire.SRV_TARGET_OFFSET
+            # Point at the target inside the SRV RDATA; past 14 bits, spell it out.
+            owner = wire.pointer(offset) if offset <= wire.MAX_POINTER_OFFSET else target
+        added = len(record) + (len(owner) + len(tail) if owner else 0)
+        if len(records) == max_answers or pos + glue_size + added > budget:
+            truncated = True
+            break
+        if owner:
+            assert target is not None
+            seen.add(target)
+            glue.append(owner + tail)
+            glue_size += len(owner) + len(tail)
+        records.append(record)
+        pos += len(record)
+    data = b"".join(records) + prepared.authority + b"".join(glue) + prepared.extra
+    return Body(data, len(records), len(glue) + prepared.extra_count, truncated)
+
+
+def render_error(data: bytes, rcode: int, question: bytes) -> bytes | None:
+    """A reply with `rcode`, no records, `question` echoed; None if `data` has no header."""
+    if len(data) < wire.HEADER_SIZE:
+        return None
+    return error_reply(data, rcode, question)
+
+
+def error_reply(data: bytes, rcode: int, question: bytes) -> bytes:
+    """render_error() for a message known to have a header; extended rcodes go in an OPT."""
+    flags = (data[2] << 8) | data[3]
+    reply_flags = wire.FLAG_QR | (flags & (wire.OPCODE_MASK | wire.FLAG_RD)) | (rcode & 0xF)
+    opt = b""
+    if rcode > 0xF:  # only BADVERS here; it needs an OPT to carry the upper bits
+        opt = wire.encode_opt(DEFAULT_EDNS_PAYLOAD, rcode >> 4, False)
+    header = wire.encode_header(data[:2], reply_flags, 1 if question else 0, 0, 0, 1 if opt else 0)
+    return header + question + opt
