@@ -1,0 +1,96 @@
+"""The `waypost` command line.  Adapter: argv and stderr around the agent.
+
+    waypost agent [--config FILE_OR_DIR]... [--dev] [--dns-addr HOST:PORT]
+                  [--http-addr HOST:PORT] [--data-dir DIR]
+
+Exit codes: 0 after SIGTERM/SIGINT, 1 when the agent cannot start (address
+in use...), 2 for a usage or configuration error (nothing is bound then).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+import sys
+from collections.abc import Sequence
+
+from discovery.agent import run_agent
+from discovery.config import AgentConfig, Endpoint, Overrides, parse_endpoint
+from discovery.errors import ConfigError, ValidationError
+from discovery.hclfile import load_config
+
+EXIT_USAGE = 2  # argparse's code for bad usage; config errors share it
+
+
+class _Formatter(logging.Formatter):
+    """`waypost: message`, with the level named when it is not plain information."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if record.levelno >= logging.WARNING:
+            return f"waypost: {record.levelname.lower()}: {text}"
+        return f"waypost: {text}"
+
+
+def _endpoint_arg(text: str) -> Endpoint:
+    try:
+        return parse_endpoint(text)
+    except ValidationError as err:
+        raise argparse.ArgumentTypeError(err.message) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="waypost", description="Service discovery for one host: DNS and HTTP."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    agent = commands.add_parser("agent", help="run the agent", description="Run the agent.")
+    agent.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="FILE_OR_DIR",
+        help="HCL or JSON config file, or a directory of *.hcl and *.json files"
+        " (repeatable; later files extend earlier ones)",
+    )
+    agent.add_argument(
+        "--dev", action="store_true", help="development mode: data dir ./data by default"
+    )
+    agent.add_argument(
+        "--dns-addr",
+        type=_endpoint_arg,
+        metavar="HOST:PORT",
+        help="DNS listen address (UDP and TCP; port 0 picks one); default 127.0.0.1:8600",
+    )
+    agent.add_argument(
+        "--http-addr",
+        type=_endpoint_arg,
+        metavar="HOST:PORT",
+        help="HTTP API listen address; default 127.0.0.1:4646 (the API is not served yet)",
+    )
+    agent.add_argument("--data-dir", metavar="DIR", help="state directory")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `waypost` console script and `python -m discovery`."""
+    args = build_parser().parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter("%(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    overrides = Overrides(
+        dev=args.dev, dns_addr=args.dns_addr, http_addr=args.http_addr, data_dir=args.data_dir
+    )
+    paths: list[str] = args.config
+    hostname = socket.gethostname()
+
+    def load() -> AgentConfig:
+        return load_config(paths, overrides, hostname=hostname)
+
+    try:
+        config = load()
+    except ConfigError as err:
+        print(f"waypost: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    return run_agent(config, load)

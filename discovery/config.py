@@ -1,0 +1,704 @@
+"""Agent configuration: validate raw config trees into an :class:`AgentConfig`.  Pure: no I/O.
+
+Reading files is :mod:`discovery.hclfile`'s job; it hands over one
+:class:`RawFile` per file (plain dicts, lists and scalars, plus the line of
+each path).  Here each file is validated on its own into flat settings
+(``"dns.soa.refresh" -> 10``) and service definitions, then the files are
+layered in order: a later file's setting overrides an earlier one key by key
+(so nested blocks like ``dns`` merge), ``service`` blocks accumulate.  CLI
+:class:`Overrides` come last.
+
+Keys follow Consul's and Nomad's HCL (snake_case, case-sensitive); unknown
+keys are an error, as in Consul.  Every error is a
+:class:`~discovery.errors.ConfigError` naming the file, the line when known
+and the key (``services.hcl:12: service[1].port: 70000 is out of range 0-65535``);
+block indexes count from 0 within one file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from enum import StrEnum
+from types import MappingProxyType
+from typing import Any
+from urllib.parse import urlsplit
+
+from discovery.dns.settings import DnsSettings, SoaSettings
+from discovery.errors import ConfigError, ValidationError
+from discovery.model import (
+    EMPTY_META,
+    EMPTY_PORTS,
+    MAX_LABEL,
+    Health,
+    Instance,
+    Node,
+    Weights,
+    check_address,
+    check_int,
+    check_label,
+    check_port,
+    is_label,
+    make_instance,
+)
+
+DEFAULT_DATACENTER = "dc1"
+DEFAULT_DOMAIN = "nomad."
+DEFAULT_BIND = "127.0.0.1"
+DEFAULT_DNS_PORT = 8600  # Consul's DNS port
+DEFAULT_HTTP_PORT = 4646  # Nomad's HTTP port
+DEV_DATA_DIR = "./data"
+DATA_DIR = "/var/lib/waypost"
+SOURCE = "config"  # Instance.source of services defined in config files
+DEFAULT_CHECK_TIMEOUT = 10.0  # Consul's default for HTTP and TCP checks
+MAX_TTL = 2**31 - 1  # RFC 2181 section 8: TTLs are 31-bit
+MAX_NAME = 253  # RFC 1035 section 2.3.4, in presentation form without the root dot
+
+_NS_PER_UNIT = {"ns": 1, "us": 10**3, "µs": 10**3, "μs": 10**3, "ms": 10**6, "s": 10**9}
+_NS_PER_UNIT |= {"m": 60 * 10**9, "h": 3600 * 10**9}
+# Go's time.ParseDuration, which Consul and Nomad use: "1h30m", "250ms", "1.5s".
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_TTL_PATTERN = re.compile(r"^(?:\*|[a-z0-9][a-z0-9-]*\*?)$")
+
+
+# -- results ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RawFile:
+    """One config file as read: plain data and the line of each path (``service[1].port``)."""
+
+    path: str
+    data: Mapping[str, object]
+    lines: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+
+    def line_of(self, where: str) -> int | None:
+        """The line of `where`, else of its closest enclosing path that has one."""
+        while where:
+            line = self.lines.get(where)
+            if line is not None:
+                return line
+            cut = max(where.rfind("."), where.rfind("["))
+            where = where[:cut] if cut > 0 else ""
+        return None
+
+    def error(self, key: str, message: str, where: str | None = None) -> ConfigError:
+        """A ConfigError for `key` in this file; `where` is its path in the data if different."""
+        return ConfigError(self.path, message, line=self.line_of(where or key), key=key)
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A host and port to listen on."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Overrides:
+    """Command-line flags; they win over every config file."""
+
+    dev: bool = False
+    dns_addr: Endpoint | None = None
+    http_addr: Endpoint | None = None
+    data_dir: str | None = None
+
+
+class CheckKind(StrEnum):
+    TTL = "ttl"
+    HTTP = "http"
+    TCP = "tcp"
+
+
+@dataclass(frozen=True, slots=True)
+class CheckDefinition:
+    """A Consul-shaped health check of a configured service (run by the checks module)."""
+
+    id: str
+    name: str
+    kind: CheckKind
+    target: str  # the URL (http), "host:port" (tcp), "" (ttl)
+    ttl: float = 0.0  # seconds; ttl checks only
+    interval: float = 0.0  # seconds; http and tcp checks only
+    timeout: float = 0.0  # seconds; http and tcp checks only
+    deregister_critical_service_after: float | None = None
+    status: Health | None = None  # initial status as configured
+
+    @property
+    def initial_health(self) -> Health:
+        """Consul: a check starts critical unless its definition gives a status."""
+        return self.status or Health.CRITICAL
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceDefinition:
+    """A validated `service` block; :func:`service_instances` places it on a node."""
+
+    name: str
+    id: str
+    address: str = ""  # "" means the node's address (Consul)
+    port: int = 0
+    tags: tuple[str, ...] = ()
+    meta: Mapping[str, str] = field(default_factory=lambda: EMPTY_META, hash=False)
+    ports: Mapping[str, int] = field(default_factory=lambda: EMPTY_PORTS, hash=False)
+    weights: Weights = field(default_factory=Weights)
+    checks: tuple[CheckDefinition, ...] = ()
+    origin: str = ""  # "file:line", for messages
+
+    @property
+    def initial_health(self) -> Health:
+        """The worst initial status of its checks; passing without checks."""
+        order = [Health.PASSING, Health.WARNING, Health.CRITICAL]
+        return max((c.initial_health for c in self.checks), key=order.index, default=Health.PASSING)
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    """Everything the agent needs to start, after defaults and overrides."""
+
+    node_name: str
+    node_address: str  # advertise_addr, else a specific bind_addr, else 127.0.0.1
+    bind_addr: str
+    advertise_addr: str  # "" when not configured
+    dns_addr: Endpoint
+    http_addr: Endpoint
+    data_dir: str
+    dns: DnsSettings
+    services: tuple[ServiceDefinition, ...] = ()
+    files: tuple[str, ...] = ()
+
+    @property
+    def datacenter(self) -> str:
+        return self.dns.datacenter
+
+    @property
+    def domain(self) -> str:
+        return self.dns.domain
+
+    @property
+    def node(self) -> Node:
+        """The local node (datacenter "" means the local one, as for instances)."""
+        return Node(name=self.node_name, address=self.node_address)
+
+
+def service_instances(services: Iterable[ServiceDefinition], node: Node) -> tuple[Instance, ...]:
+    """The registry instances of configured services on `node` (source "config")."""
+    return tuple(
+        make_instance(
+            service=s.name,
+            id=s.id,
+            node=node.name,
+            address=s.address or node.address,
+            port=s.port,
+            tags=s.tags,
+            meta=s.meta,
+            ports=s.ports,
+            weights=s.weights,
+            health=s.initial_health,
+            source=SOURCE,
+        )
+        for s in services
+    )
+
+
+def node_name_from_hostname(hostname: str) -> str:
+    """The host name's first label as an RFC 1123 label ("localhost" if nothing is left)."""
+    first = hostname.split(".", 1)[0].lower()
+    cleaned = re.sub(r"[^a-z0-9-]+", "-", first)[:MAX_LABEL].strip("-")
+    return cleaned if is_label(cleaned) else "localhost"
+
+
+def parse_endpoint(text: str, fieldname: str = "address") -> Endpoint:
+    """Parse ``HOST:PORT`` or ``[V6]:PORT`` with an IP literal host."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValidationError(fieldname, f"{text!r} is not HOST:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValidationError(fieldname, f"{text!r}: write an IPv6 host as [addr]:port")
+    return Endpoint(check_address(host, fieldname), check_port(int(port), fieldname))
+
+
+# -- values ----------------------------------------------------------------------
+
+
+def parse_duration(value: object, fieldname: str) -> float:
+    """Seconds from a Go duration string ("5s", "1m30s", "250ms") or a number of seconds."""
+    return _duration_ns(value, fieldname) / 10**9
+
+
+def _duration_ns(value: object, fieldname: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValidationError(fieldname, 'must be a duration like "5s" or a number of seconds')
+    if isinstance(value, int | float):
+        try:
+            ns = Decimal(str(value)) * 10**9
+        except InvalidOperation:
+            raise ValidationError(fieldname, f"{value!r} is not a duration") from None
+    elif value == "0":
+        ns = Decimal(0)
+    else:
+        ns, pos = Decimal(0), 0
+        while pos < len(value) or pos == 0:
+            part = _DURATION_PART.match(value, pos)
+            if part is None:
+                raise ValidationError(
+                    fieldname,
+                    f"{value!r} is not a duration (a number with a unit: ns, us, ms, s, m, h;"
+                    ' like "5s", "250ms", "1m30s")',
+                )
+            ns += Decimal(part[1]) * _NS_PER_UNIT[part[2]]
+            pos = part.end()
+    if not ns.is_finite() or ns < 0:
+        raise ValidationError(fieldname, f"{value!r} must not be negative")
+    return int(ns)
+
+
+def _seconds(value: object, fieldname: str) -> int:
+    """A whole number of seconds (TTLs are integers on the wire), 0 to 2^31-1."""
+    ns = _duration_ns(value, fieldname)
+    if ns % 10**9:
+        raise ValidationError(fieldname, f"{value!r} is not a whole number of seconds")
+    if ns // 10**9 > MAX_TTL:
+        raise ValidationError(fieldname, f"{value!r} is longer than {MAX_TTL} seconds")
+    return ns // 10**9
+
+
+def _positive_seconds(value: object, fieldname: str) -> float:
+    seconds = parse_duration(value, fieldname)
+    if seconds <= 0:
+        raise ValidationError(fieldname, "must be longer than 0s")
+    return seconds
+
+
+def _bool(value: object, fieldname: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValidationError(fieldname, "must be true or false")
+    return value
+
+
+def _string(value: object, fieldname: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValidationError(fieldname, "must be a non-empty string")
+    return value
+
+
+def _list(value: object, fieldname: str) -> list[object]:
+    if not isinstance(value, list):
+        raise ValidationError(fieldname, "must be a list")
+    return value
+
+
+def _domain(value: object, fieldname: str) -> str:
+    """A zone name, returned absolute and lower case ("nomad" -> "nomad.")."""
+    name = _string(value, fieldname).lower().removesuffix(".")
+    if not name or len(name) > MAX_NAME or not all(is_label(lab) for lab in name.split(".")):
+        raise ValidationError(fieldname, f"{value!r} is not a valid domain name")
+    return name + "."
+
+
+def _domains(value: object, fieldname: str) -> tuple[str, ...]:
+    items = _list(value, fieldname)
+    out = tuple(_domain(v, f"{fieldname}[{i}]") for i, v in enumerate(items))
+    if len(set(out)) != len(out):
+        raise ValidationError(fieldname, "lists a domain twice")
+    return out
+
+
+def _address(value: object, fieldname: str) -> str:
+    return check_address(value, fieldname)
+
+
+def _service_ttl(value: object, fieldname: str) -> Mapping[str, int]:
+    """One duration for every service, or Consul's map of name / "prefix*" / "*" to durations."""
+    if not isinstance(value, Mapping):
+        return MappingProxyType({"*": _seconds(value, fieldname)})
+    out: dict[str, int] = {}
+    for pattern, ttl in value.items():
+        key = str(pattern).lower()
+        if not _TTL_PATTERN.match(key) or len(key) > MAX_LABEL + 1:
+            raise ValidationError(
+                f"{fieldname}.{pattern}", 'must be a service name, "prefix*" or "*"'
+            )
+        out[key] = _seconds(ttl, f"{fieldname}.{pattern}")
+    return MappingProxyType(out)
+
+
+def _recursor(value: object, fieldname: str) -> str:
+    """ "ip" or "ip:port" / "[v6]:port", canonical."""
+    text = _string(value, fieldname)
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return str(parse_endpoint(text, fieldname))
+
+
+def _recursors(value: object, fieldname: str) -> tuple[str, ...]:
+    return tuple(_recursor(v, f"{fieldname}[{i}]") for i, v in enumerate(_list(value, fieldname)))
+
+
+def _networks(
+    value: object, fieldname: str
+) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    out = []
+    for i, item in enumerate(_list(value, fieldname)):
+        try:
+            out.append(ipaddress.ip_network(_string(item, f"{fieldname}[{i}]"), strict=False))
+        except ValueError:
+            raise ValidationError(f"{fieldname}[{i}]", f"{item!r} is not a CIDR network") from None
+    return tuple(out)
+
+
+def _ranged(low: int, high: int) -> Callable[[object, str], int]:
+    return lambda value, fieldname: check_int(value, fieldname, low, high)
+
+
+# -- the schema ------------------------------------------------------------------
+
+# Blocks whose keys merge one by one across files (HCL blocks or JSON objects).
+_SECTIONS = frozenset({"ports", "addresses", "dns", "dns.soa"})
+# Every other setting: dotted key -> validator returning the value to keep.
+_SETTINGS: Mapping[str, Callable[[Any, str], object]] = {
+    "datacenter": lambda value, fieldname: check_label(value, fieldname).lower(),
+    "domain": _domain,
+    "alt_domains": _domains,
+    "node_name": check_label,
+    "bind_addr": _address,
+    "advertise_addr": _address,
+    "data_dir": _string,
+    "ports.dns": check_port,
+    "ports.http": check_port,
+    "addresses.dns": _address,
+    "addresses.http": _address,
+    "dns.service_ttl": _service_ttl,
+    "dns.node_ttl": _seconds,
+    "dns.soa.refresh": _seconds,
+    "dns.soa.retry": _seconds,
+    "dns.soa.expire": _seconds,
+    "dns.soa.min_ttl": _seconds,
+    "dns.only_passing": _bool,
+    "dns.udp_answer_limit": _ranged(1, 65535),
+    "dns.enable_truncate": _bool,
+    "dns.recursors": _recursors,
+    "dns.recursor_timeout": _positive_seconds,
+    "dns.allow_recursion_from": _networks,
+    "dns.edns_max_payload": _ranged(512, 65535),  # RFC 6891 section 6.2.5: below 512 means 512
+    "dns.tcp_idle_timeout": _positive_seconds,
+}
+# Config keys whose DnsSettings field has another name.
+_DNS_FIELD = {"allow_recursion_from": "recursion_allowed"}
+_SERVICE_BLOCKS = ("service", "services")  # Consul accepts both spellings
+_SERVICE_KEYS = frozenset(
+    {"name", "id", "tags", "address", "port", "meta", "weights", "ports", "check", "checks"}
+)
+_CHECK_KEYS = frozenset(
+    {"id", "name", "ttl", "http", "tcp", "interval", "timeout", "status"}
+    | {"deregister_critical_service_after"}
+)
+
+
+# -- one file ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Setting:
+    """A validated value and where it was set, for errors found after merging."""
+
+    value: object
+    raw: RawFile
+    where: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Service:
+    definition: ServiceDefinition
+    raw: RawFile
+    where: str
+    check_paths: tuple[str, ...]
+
+
+@dataclass(slots=True)
+class _Layer:
+    """What one file sets: flat dotted settings and its services, in order."""
+
+    settings: dict[str, _Setting] = field(default_factory=dict)
+    services: list[_Service] = field(default_factory=list)
+
+
+def _origin(raw: RawFile, where: str) -> str:
+    line = raw.line_of(where)
+    return f"{raw.path}:{line}" if line else raw.path
+
+
+def _objects(
+    raw: RawFile, value: object, where: str, key: str
+) -> list[tuple[str, Mapping[str, object]]]:
+    """A block: an object, or a list of objects (repeated HCL blocks) with their paths."""
+    if isinstance(value, Mapping):
+        return [(where, value)]
+    if isinstance(value, list) and all(isinstance(v, Mapping) for v in value):
+        return [(f"{where}[{i}]", v) for i, v in enumerate(value)]
+    raise raw.error(key, "must be a block (an object)", where)
+
+
+def _merged(raw: RawFile, value: object, where: str) -> dict[str, object] | None:
+    """An object given as one or several blocks, merged; None when absent."""
+    if value is None:
+        return None
+    out: dict[str, object] = {}
+    for _, obj in _objects(raw, value, where, where):
+        out.update(obj)
+    return out
+
+
+def _walk(raw: RawFile, obj: Mapping[str, object], where: str, key: str, layer: _Layer) -> None:
+    for name, value in obj.items():
+        w = f"{where}.{name}" if where else str(name)
+        k = f"{key}.{name}" if key else str(name)
+        if not key and name in _SERVICE_BLOCKS:
+            # Services do not merge, so their keys are their paths in this file.
+            for sw, svc in _objects(raw, value, w, k):
+                layer.services.append(_parse_service(raw, svc, sw))
+        elif k in _SECTIONS:
+            for sw, section in _objects(raw, value, w, k):
+                _walk(raw, section, sw, k, layer)
+        elif k in _SETTINGS:
+            try:
+                checked = _SETTINGS[k](value, k)
+            except ValidationError as err:
+                raise raw.error(err.field, err.message, w) from None
+            layer.settings[k] = _Setting(checked, raw, w)
+        else:
+            raise raw.error(k, "unknown key", w)
+
+
+def parse_file(raw: RawFile) -> _Layer:
+    """Validate one file on its own."""
+    layer = _Layer()
+    _walk(raw, raw.data, "", "", layer)
+    return layer
+
+
+def _parse_service(raw: RawFile, obj: Mapping[str, object], where: str) -> _Service:
+    for name in obj:
+        if name not in _SERVICE_KEYS:
+            raise raw.error(f"{where}.{name}", "unknown key")
+    address = obj.get("address") or ""
+    try:
+        inst = make_instance(
+            service=obj.get("name"),
+            id=obj.get("id"),
+            node="localhost",  # placeholder: the node is known once every file is read
+            address=address or DEFAULT_BIND,
+            port=obj.get("port", 0),
+            tags=obj.get("tags"),
+            meta=_merged(raw, obj.get("meta"), f"{where}.meta"),
+            ports=_merged(raw, obj.get("ports"), f"{where}.ports"),
+            weights=_merged(raw, obj.get("weights"), f"{where}.weights"),
+        )
+    except ValidationError as err:
+        key = f"{where}.{'name' if err.field == 'service' else err.field}"
+        raise raw.error(key, err.message) from None
+    blocks = [
+        item
+        for name in ("check", "checks")
+        if name in obj
+        for item in _objects(raw, obj[name], f"{where}.{name}", f"{where}.{name}")
+    ]
+    checks = tuple(
+        _parse_check(raw, check, cwhere, inst, n if len(blocks) > 1 else 0)
+        for n, (cwhere, check) in enumerate(blocks, 1)
+    )
+    definition = ServiceDefinition(
+        name=inst.service,
+        id=inst.id,
+        address=inst.address if address else "",
+        port=inst.port,
+        tags=inst.tags,
+        meta=inst.meta,
+        ports=inst.ports,
+        weights=inst.weights,
+        checks=checks,
+        origin=_origin(raw, where),
+    )
+    return _Service(definition, raw, where, tuple(cwhere for cwhere, _ in blocks))
+
+
+def _parse_check(
+    raw: RawFile, obj: Mapping[str, object], where: str, service: Instance, number: int
+) -> CheckDefinition:
+    """A Consul check block; `number` (1-based, 0 if it is the only one) makes the default id."""
+    for name in obj:
+        if name not in _CHECK_KEYS:
+            raise raw.error(f"{where}.{name}", "unknown key")
+    kinds = [kind for kind in CheckKind if kind.value in obj]
+    if len(kinds) != 1:
+        raise raw.error(where, "a check needs exactly one of ttl, http or tcp")
+    kind = kinds[0]
+    try:
+        target = _check_target(kind, obj.get(kind.value), f"{where}.{kind.value}")
+        timed = kind is not CheckKind.TTL
+        for name in ("interval", "timeout"):
+            if name in obj and not timed:
+                raise ValidationError(f"{where}.{name}", "is for http and tcp checks only")
+        if timed and "interval" not in obj:
+            raise ValidationError(f"{where}.interval", f"is required for {kind} checks")
+        status = obj.get("status")
+        if status is not None and status not in set(Health):
+            raise ValidationError(
+                f"{where}.status", f"{status!r} is not passing, warning or critical"
+            )
+        dereg = obj.get("deregister_critical_service_after")
+        suffix = f":{number}" if number else ""
+        return CheckDefinition(
+            id=_name(obj.get("id", f"service:{service.id}{suffix}"), f"{where}.id"),
+            name=_name(obj.get("name", f"Service '{service.service}' check"), f"{where}.name"),
+            kind=kind,
+            target=target,
+            ttl=_positive_seconds(obj["ttl"], f"{where}.ttl") if not timed else 0.0,
+            interval=_positive_seconds(obj["interval"], f"{where}.interval") if timed else 0.0,
+            timeout=(
+                _positive_seconds(obj.get("timeout", DEFAULT_CHECK_TIMEOUT), f"{where}.timeout")
+                if timed
+                else 0.0
+            ),
+            deregister_critical_service_after=(
+                None
+                if dereg is None
+                else _positive_seconds(dereg, f"{where}.deregister_critical_service_after")
+            ),
+            status=None if status is None else Health(str(status)),
+        )
+    except ValidationError as err:
+        raise raw.error(err.field, err.message) from None
+
+
+def _name(value: object, fieldname: str) -> str:
+    text = _string(value, fieldname)
+    if any(ord(c) < 32 for c in text) or len(text) > 255:
+        raise ValidationError(fieldname, "must be at most 255 printable characters")
+    return text
+
+
+def _check_target(kind: CheckKind, value: object, fieldname: str) -> str:
+    if kind is CheckKind.TTL:
+        return ""
+    text = _string(value, fieldname)
+    if kind is CheckKind.HTTP:
+        try:
+            url = urlsplit(text)
+            ok = url.scheme in ("http", "https") and bool(url.hostname)
+            url.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValidationError(fieldname, f"{text!r} is not an http:// or https:// URL")
+        return text
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ValidationError(fieldname, f"{text!r} is not HOST:PORT")
+    return text
+
+
+# -- all files ---------------------------------------------------------------------
+
+
+def parse_config(
+    files: Sequence[RawFile], overrides: Overrides = Overrides(), *, hostname: str = "localhost"
+) -> AgentConfig:
+    """Layer `files` in order, then `overrides`, over the defaults.
+
+    `hostname` gives the default node name.  Error handling: the first problem
+    raises ConfigError; nothing is partially applied.
+    """
+    settings: dict[str, _Setting] = {}
+    services: list[_Service] = []
+    for raw in files:
+        layer = parse_file(raw)
+        settings.update(layer.settings)
+        services.extend(layer.services)
+    _check_unique(services)
+    values = {key: s.value for key, s in settings.items()}
+    domain = str(values.get("domain", DEFAULT_DOMAIN))
+    if domain in values.get("alt_domains", ()):  # type: ignore[operator]
+        alt = settings["alt_domains"]
+        raise alt.raw.error("alt_domains", f"{domain!r} is the domain already", alt.where)
+    bind = str(values.get("bind_addr", DEFAULT_BIND))
+    advertise = str(values.get("advertise_addr", ""))
+    if advertise and ipaddress.ip_address(advertise).is_unspecified:
+        where = settings["advertise_addr"]
+        raise where.raw.error(
+            "advertise_addr", f"{advertise!r} cannot be advertised; give this host's address"
+        )
+    node_address = advertise or (
+        bind if not ipaddress.ip_address(bind).is_unspecified else DEFAULT_BIND
+    )
+    node_name = str(values.get("node_name") or node_name_from_hostname(hostname))
+    data_dir = overrides.data_dir or str(
+        values.get("data_dir") or (DEV_DATA_DIR if overrides.dev else DATA_DIR)
+    )
+    dns = _dns_settings(values, domain=domain, node_name=node_name, node_address=node_address)
+    return AgentConfig(
+        node_name=node_name,
+        node_address=node_address,
+        bind_addr=bind,
+        advertise_addr=advertise,
+        dns_addr=overrides.dns_addr or _endpoint(values, "dns", bind, DEFAULT_DNS_PORT),
+        http_addr=overrides.http_addr or _endpoint(values, "http", bind, DEFAULT_HTTP_PORT),
+        data_dir=data_dir,
+        dns=dns,
+        services=tuple(s.definition for s in services),
+        files=tuple(raw.path for raw in files),
+    )
+
+
+def _endpoint(values: Mapping[str, object], name: str, bind: str, port: int) -> Endpoint:
+    host = values.get(f"addresses.{name}", bind)
+    number = values.get(f"ports.{name}", port)
+    assert isinstance(host, str) and isinstance(number, int)
+    return Endpoint(host, number)
+
+
+def _dns_settings(values: Mapping[str, object], **top: Any) -> DnsSettings:
+    soa: dict[str, Any] = {
+        k.removeprefix("dns.soa."): v for k, v in values.items() if k.startswith("dns.soa.")
+    }
+    dns: dict[str, Any] = {
+        _DNS_FIELD.get(name, name): v
+        for k, v in values.items()
+        if k.startswith("dns.") and "." not in (name := k.removeprefix("dns."))
+    }
+    if "datacenter" in values:
+        top["datacenter"] = values["datacenter"]
+    if "alt_domains" in values:
+        top["alt_domains"] = values["alt_domains"]
+    return DnsSettings(soa=SoaSettings(**soa), **dns, **top)
+
+
+def _check_unique(services: Sequence[_Service]) -> None:
+    """Service ids and check ids are unique across all files (Consul keys both by id)."""
+    seen: dict[str, str] = {}
+    checks: dict[str, str] = {}
+    for svc in services:
+        ident = svc.definition.id
+        if ident in seen:
+            raise svc.raw.error(
+                f"{svc.where}.id",
+                f"service id {ident!r} is already defined at {seen[ident]}"
+                " (give each instance its own id)",
+            )
+        seen[ident] = svc.definition.origin
+        for check, where in zip(svc.definition.checks, svc.check_paths, strict=True):
+            if check.id in checks:
+                raise svc.raw.error(
+                    f"{where}.id", f"check id {check.id!r} is already defined at {checks[check.id]}"
+                )
+            checks[check.id] = _origin(svc.raw, where)
