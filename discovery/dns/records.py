@@ -89,18 +89,18 @@ class ZoneInfo:
 
 
 REFUSED_OUTSIDE = Prepared(wire.REFUSED, authoritative=False, outside=True, dep=DEP_NODES)
-REFUSED_INSIDE = Prepared(wire.REFUSED, authoritative=False, dep=DEP_NODES)
+REFUSED = Prepared(wire.REFUSED, authoritative=False, dep=DEP_NODES)
 
 
 def prepare(
     labels: Sequence[str], qtype: int, qclass: int, snap: Snapshot, info: ZoneInfo
 ) -> Prepared:
     """The answer to (`labels`, `qtype`, `qclass`); `labels` are the lower-cased question labels."""
+    if qclass not in (wire.CLASS_IN, wire.TYPE_ANY) or qtype in (wire.TYPE_AXFR, wire.TYPE_IXFR):
+        return REFUSED  # CHAOS (version.bind...) and zone transfers: neither served nor forwarded
     name = parse_name(labels, info.zones)
     if name is None:
         return REFUSED_OUTSIDE
-    if qclass not in (wire.CLASS_IN, wire.TYPE_ANY) or qtype in (wire.TYPE_AXFR, wire.TYPE_IXFR):
-        return REFUSED_INSIDE  # CHAOS and zone transfers are not served
     builder = _Builder(labels, name.zone, snap, info)
     return builder.answer(name, qtype)
 

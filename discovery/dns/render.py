@@ -62,7 +62,9 @@ def render(
     opt = b""
     if edns is not None:
         if edns.version > 0:  # RFC 6891 section 6.1.3
-            return error_reply(data, wire.BADVERS, question)
+            return error_reply(
+                data, wire.BADVERS, question, settings.edns_max_payload, edns.dnssec_ok
+            )
         opt = wire.encode_opt(settings.edns_max_payload, 0, edns.dnssec_ok)
     limit, max_answers = size_limits(query, settings, tcp)
     body = pick_body(prepared, wire.HEADER_SIZE + len(question), limit - len(opt), max_answers)
@@ -182,12 +184,18 @@ def render_error(data: bytes, rcode: int, question: bytes) -> bytes | None:
     return error_reply(data, rcode, question)
 
 
-def error_reply(data: bytes, rcode: int, question: bytes) -> bytes:
+def error_reply(
+    data: bytes,
+    rcode: int,
+    question: bytes,
+    payload: int = DEFAULT_EDNS_PAYLOAD,
+    dnssec_ok: bool = False,
+) -> bytes:
     """render_error() for a message known to have a header; extended rcodes go in an OPT."""
     flags = (data[2] << 8) | data[3]
     reply_flags = wire.FLAG_QR | (flags & (wire.OPCODE_MASK | wire.FLAG_RD)) | (rcode & 0xF)
     opt = b""
     if rcode > 0xF:  # only BADVERS here; it needs an OPT to carry the upper bits
-        opt = wire.encode_opt(DEFAULT_EDNS_PAYLOAD, rcode >> 4, False)
+        opt = wire.encode_opt(payload, rcode >> 4, dnssec_ok)
     header = wire.encode_header(data[:2], reply_flags, 1 if question else 0, 0, 0, 1 if opt else 0)
     return header + question + opt
