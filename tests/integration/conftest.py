@@ -1,0 +1,170 @@
+"""Integration fixtures: real waypost DNS servers on loopback port 0, and real clients.
+
+`start_waypost(settings, instances)` builds a Registry, a Responder and
+:func:`discovery.dns.server.start_dns` on 127.0.0.1 port 0 and returns a
+:class:`RunningDns`, whose methods query it with dnspython (async, so the
+server keeps running in the same loop), raw sockets, or the `dig` binary.
+Everything started is closed at the end of the test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+
+import dns.asyncquery
+import dns.message
+import pytest
+
+from discovery.dns.responder import Responder
+from discovery.dns.server import DnsServer, start_dns
+from discovery.dns.settings import DnsSettings
+from discovery.model import Instance, Node
+from discovery.registry import Registry
+
+LOCAL_NODE = Node("agent", "127.0.0.1")
+CLIENT_TIMEOUT = 2.0  # seconds; every reply on loopback comes in milliseconds
+DIG_DEADLINE = 10.0  # seconds for a whole dig run (it retries over TCP on TC)
+
+
+@dataclass
+class DigResult:
+    """What `dig` printed, parsed: status, header flags, sections of records, EDNS line."""
+
+    status: str
+    flags: set[str]
+    sections: dict[str, list[tuple[str, int, str, str, str]]]  # name, ttl, class, type, rdata
+    edns: str | None
+    text: str
+
+    def records(
+        self, section: str, rtype: str | None = None
+    ) -> list[tuple[str, int, str, str, str]]:
+        return [r for r in self.sections.get(section, []) if rtype is None or r[3] == rtype]
+
+
+def parse_dig(text: str) -> DigResult:
+    status, flags, edns, section = "", set[str](), None, ""
+    sections: dict[str, list[tuple[str, int, str, str, str]]] = {}
+    for line in text.splitlines():
+        if line.startswith(";; ->>HEADER<<-"):
+            status = line.split("status: ", 1)[1].split(",", 1)[0]
+        elif line.startswith(";; flags:"):
+            flags = set(line[len(";; flags:") :].split(";", 1)[0].split())
+        elif line.startswith("; EDNS:"):
+            edns = line
+        elif line.startswith(";; ") and line.endswith(" SECTION:"):
+            section = line[3:].split()[0]
+        elif line and not line.startswith(";") and section:
+            name, ttl, klass, rtype, *rdata = line.split()
+            sections.setdefault(section, []).append((name, int(ttl), klass, rtype, " ".join(rdata)))
+    return DigResult(status, flags, sections, edns, text)
+
+
+@dataclass
+class RunningDns:
+    """A running waypost DNS server and its registry."""
+
+    registry: Registry
+    responder: Responder
+    server: DnsServer
+
+    @property
+    def host(self) -> str:
+        return self.server.host
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    async def udp(self, query: dns.message.Message) -> dns.message.Message:
+        return await dns.asyncquery.udp(query, self.host, port=self.port, timeout=CLIENT_TIMEOUT)
+
+    async def tcp(self, query: dns.message.Message) -> dns.message.Message:
+        return await dns.asyncquery.tcp(query, self.host, port=self.port, timeout=CLIENT_TIMEOUT)
+
+    async def udp_raw(self, data: bytes, *, wait: float = CLIENT_TIMEOUT) -> bytes | None:
+        """Send one datagram; the first datagram back, or None after `wait` seconds."""
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        loop = asyncio.get_running_loop()
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)
+            sock.connect((self.host, self.port))
+            await loop.sock_sendall(sock, data)
+            try:
+                async with asyncio.timeout(wait):
+                    return await loop.sock_recv(sock, 65535)
+            except TimeoutError:
+                return None
+
+    async def dig(self, *args: str) -> DigResult:
+        """Run the real `dig` against this server; fails the test if dig fails."""
+        proc = await asyncio.create_subprocess_exec(
+            DIG,
+            f"@{self.host}",
+            "-p",
+            str(self.port),
+            "+tries=1",
+            "+time=2",
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            async with asyncio.timeout(DIG_DEADLINE):
+                out, err = await proc.communicate()
+        finally:
+            if proc.returncode is None:
+                proc.kill()  # only the dig we started, by its pid
+                await proc.wait()
+        text = out.decode()
+        assert proc.returncode == 0, f"dig {' '.join(args)} failed: {err.decode()}{text}"
+        return parse_dig(text)
+
+
+# No skip when dig is missing: `make test` installs dnsutils, and a skip would hide it.
+DIG = shutil.which("dig") or "dig"
+
+StartWaypost = Callable[..., Awaitable[RunningDns]]
+
+
+@dataclass
+class _Started:
+    servers: list[DnsServer] = field(default_factory=list)
+
+
+@pytest.fixture
+async def start_waypost() -> AsyncIterator[StartWaypost]:
+    """A factory: `await start_waypost(settings, instances, host=..., **start_dns_kwargs)`."""
+    started = _Started()
+
+    async def start(
+        settings: DnsSettings | None = None,
+        instances: Iterable[Instance] = (),
+        *,
+        nodes: Iterable[Node] = (),
+        host: str = "127.0.0.1",
+        responder_class: type[Responder] = Responder,
+        **kwargs: int,
+    ) -> RunningDns:
+        registry = Registry(LOCAL_NODE)
+        registry.apply(upserts=instances, nodes=nodes)
+        responder = responder_class(registry, settings or DnsSettings(node_name=LOCAL_NODE.name))
+        server = await start_dns(responder, host, 0, **kwargs)
+        started.servers.append(server)
+        return RunningDns(registry, responder, server)
+
+    yield start
+    for server in started.servers:
+        server.close()
+    for server in started.servers:
+        await server.wait_closed()
+
+
+@pytest.fixture
+async def waypost(start_waypost: StartWaypost) -> RunningDns:
+    """A server with no instances, default settings (domain nomad., dc dc1)."""
+    return await start_waypost()
