@@ -73,12 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `waypost` console script and `python -m discovery`."""
-    args = build_parser().parse_args(argv)
+def _setup_logging() -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Formatter("%(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `waypost` console script and `python -m discovery`."""
+    args = build_parser().parse_args(argv)
     overrides = Overrides(
         dev=args.dev, dns_addr=args.dns_addr, http_addr=args.http_addr, data_dir=args.data_dir
     )
@@ -93,4 +96,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"waypost: {err}", file=sys.stderr)
         return EXIT_USAGE
+    _setup_logging()
     return run_agent(config, load)

@@ -257,7 +257,9 @@ def _duration_ns(value: object, fieldname: str) -> int:
                 )
             ns += Decimal(part[1]) * _NS_PER_UNIT[part[2]]
             pos = part.end()
-    if not ns.is_finite() or ns < 0:
+    if not ns.is_finite():
+        raise ValidationError(fieldname, f"{value!r} is not a duration")
+    if ns < 0:
         raise ValidationError(fieldname, f"{value!r} must not be negative")
     return int(ns)
 
@@ -396,6 +398,9 @@ _SETTINGS: Mapping[str, Callable[[Any, str], object]] = {
 # Config keys whose DnsSettings field has another name.
 _DNS_FIELD = {"allow_recursion_from": "recursion_allowed"}
 _SERVICE_BLOCKS = ("service", "services")  # Consul accepts both spellings
+_SERVICE_OBJECTS = ("meta", "ports", "weights")  # blocks that merge inside a service
+# Blocks named by their key alone in messages (several of them merge into one).
+_MERGED = _SECTIONS | {f"{s}.{o}" for s in _SERVICE_BLOCKS for o in _SERVICE_OBJECTS}
 _SERVICE_KEYS = frozenset(
     {"name", "id", "tags", "address", "port", "meta", "weights", "ports", "check", "checks"}
 )
@@ -403,6 +408,21 @@ _CHECK_KEYS = frozenset(
     {"id", "name", "ttl", "http", "tcp", "interval", "timeout", "status"}
     | {"deregister_critical_service_after"}
 )
+
+
+def key_of(where: str) -> str:
+    """The key that names path `where` in messages: merged blocks lose their index.
+
+    ``dns[0].soa[1].retry`` is ``dns.soa.retry``; ``service[2].weights[0].passing``
+    is ``service[2].weights.passing`` (services stay apart, so they keep theirs).
+    """
+    parts: list[str] = []
+    names: list[str] = []
+    for part in where.split("."):
+        name = part.partition("[")[0]
+        names.append(name)
+        parts.append(name if ".".join(names) in _MERGED else part)
+    return ".".join(parts)
 
 
 # -- one file ----------------------------------------------------------------------

@@ -25,7 +25,7 @@ import hcl2
 from hcl2.rules.base import AttributeRule, BlockRule, BodyRule
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
-from discovery.config import AgentConfig, Overrides, RawFile, parse_config
+from discovery.config import AgentConfig, Overrides, RawFile, key_of, parse_config
 from discovery.errors import ConfigError
 
 CONFIG_SUFFIXES = (".hcl", ".json")  # what a config directory contributes, as in Consul
@@ -122,7 +122,7 @@ def _body(body: BodyRule, where: str, path: str, lines: dict[str, int]) -> dict[
             name = str(child.identifier.serialize(_OPTIONS))
             key = f"{where}.{name}" if where else name
             if name in out:
-                raise ConfigError(path, "is defined twice", line=line, key=key)
+                raise ConfigError(path, "is defined twice", line=line, key=key_of(key))
             out[name] = _literal(child.expression.serialize(_OPTIONS), path, line, key)
             if line:
                 lines[key] = line
@@ -131,10 +131,10 @@ def _body(body: BodyRule, where: str, path: str, lines: dict[str, int]) -> dict[
         name = str(labels[0].serialize(_OPTIONS))
         key = f"{where}.{name}" if where else name
         if len(labels) > 1:
-            raise ConfigError(path, f"a {name} block takes no labels", line=line, key=key)
+            raise ConfigError(path, f"a {name} block takes no labels", line=line, key=key_of(key))
         blocks = out.setdefault(name, [])
         if not isinstance(blocks, list) or (blocks and not isinstance(blocks[0], dict)):
-            raise ConfigError(path, "is both an attribute and a block", line=line, key=key)
+            raise ConfigError(path, "is both an attribute and a block", line=line, key=key_of(key))
         indexed = f"{key}[{len(blocks)}]"
         if line:
             lines[indexed] = line
@@ -150,7 +150,7 @@ def _literal(value: Any, path: str, line: int | None, key: str) -> Any:
             path,
             f"{value!r}: expressions and interpolation are not supported; write a literal value",
             line=line,
-            key=key,
+            key=key_of(key),
         )
     if isinstance(value, list):
         for i, item in enumerate(value):
@@ -217,7 +217,7 @@ class _JsonLines:
             name = str(json.loads(f'"{match[1]}"'))
             key = f"{where}.{name}" if where else name
             if name in seen:
-                raise ConfigError(self.path, "is defined twice", line=line, key=key)
+                raise ConfigError(self.path, "is defined twice", line=line, key=key_of(key))
             seen.add(name)
             self.lines[key] = line
             colon, _ = self.token(match.end())
