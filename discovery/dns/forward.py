@@ -63,6 +63,8 @@ def parse_recursor(text: str) -> tuple[str, int]:
             port_text = rest[1:]
     elif raw.count(":") == 1:
         host, port_text = raw.split(":")
+        if not port_text:
+            raise ValueError(f"recursor {text!r}: port '' is not a number 1-65535")
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
