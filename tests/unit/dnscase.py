@@ -44,6 +44,7 @@ NODES = (
     Node("node2", "10.0.0.2"),
     Node("node6", "fd00::6"),
     Node("noder", "10.2.0.1", datacenter="dc2"),
+    Node("node3", "10.3.0.1", datacenter="dc3"),  # dc3 is known through this node only
 )
 ALLOC_A = "3f2a9c1e-0000-4000-8000-000000000001"
 ALLOC_B = "3f2b0000-0000-4000-8000-000000000002"

@@ -10,6 +10,7 @@ The fixture world (SETTINGS: zone nomad., alt zone consul., dc1; TTLs web 30,
 db* 20, dbx* 25, * 5; node TTL 7; SOA minimum 11):
 
     node1 10.0.0.1 (meta arch, rack)   node2 10.0.0.2   node6 fd00::6   noder 10.2.0.1 (dc2)
+    node3 10.3.0.1 (dc3, no instances)
     web   web-1 node1 10.0.0.1:8080 v1,primary meta version=1,color=blue
                 ports http 18080, admin 19090
           web-2 node2 10.0.1.2:8081 v2,Primary meta version=2 ports http 18081
@@ -267,6 +268,13 @@ DC_CASES = [
     Case("noder.node.dc2.nomad.", "A", answer=("noder.node.dc2.nomad. 7 IN A 10.2.0.1",)),
     nx("noder.node.nomad."),
     Case("0a000001.addr.dc2.nomad.", "A", answer=("0a000001.addr.dc2.nomad. 7 IN A 10.0.0.1",)),
+    nx("node1.node.dc2.nomad."),  # a local node is not in dc2
+    # a dc known through a node only
+    nodata("dc3.nomad."),
+    nodata("service.dc3.nomad.", "SRV"),
+    nx("web.service.dc3.nomad.", "SRV"),
+    Case("node3.node.dc3.nomad.", "A", answer=("node3.node.dc3.nomad. 7 IN A 10.3.0.1",)),
+    nx("node3.node.nomad."),
 ]
 
 ALT_CASES = [

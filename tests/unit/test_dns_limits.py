@@ -42,6 +42,21 @@ def instances(service: str, count: int, *, v6: bool = False, priority: str = "")
     ]
 
 
+def with_meta(service: str, count: int, pairs: int, size: int) -> list[Instance]:
+    """Instances whose TXT records are large: `pairs` meta values of `size` octets."""
+    return [
+        make_instance(
+            service=service,
+            id=f"{service}-{i}",
+            node="n1",
+            address=f"10.2.0.{i + 1}",
+            port=1,
+            meta={f"k{j}": chr(ord("a") + i) * size for j in range(pairs)},
+        )
+        for i in range(count)
+    ]
+
+
 def registry() -> Registry:
     reg = Registry(dc.LOCAL)
     reg.apply(
@@ -53,6 +68,9 @@ def registry() -> Registry:
             *instances("six", 6),
             *instances("tiered", 2, priority="1"),
             *instances("tiered", 4, priority="2"),
+            *with_meta("txt3", 3, 1, 200),  # 3 answers of ~215 octets: over 512
+            *with_meta("txtbig", 1, 4, 200),  # 1 answer of ~820 octets
+            *with_meta("txthuge", 6, 64, 240),  # 6 answers of ~15.7 KB: over 65535
         ]
     )
     return reg
@@ -138,6 +156,28 @@ def test_no_tc_when_truncation_disabled(qtype: str) -> None:
     assert_glue_matches(reply)
 
 
+def test_udp_size_limit_without_edns() -> None:
+    # within the answer-count limit, but over 512 octets
+    raw, reply = ask_raw(make(), "txt3.service.nomad.", "TXT")
+    assert len(raw) <= 512
+    assert 0 < len(reply.rr) < 3
+    assert reply.header.tc == 1
+    _, full = ask_raw(make(), "txt3.service.nomad.", "TXT", tcp=True)
+    assert len(full.rr) == 3
+    assert full.header.tc == 0
+
+
+def test_single_answer_too_large_for_udp() -> None:
+    raw, reply = ask_raw(make(), "txtbig.service.nomad.", "TXT")
+    assert len(raw) <= 512
+    assert dc.rcode_name(reply) == "NOERROR"
+    assert reply.rr == []
+    assert reply.header.tc == 1
+    _, full = ask_raw(make(), "txtbig.service.nomad.", "TXT", edns=dc.Edns(payload=1232))
+    assert len(full.rr) == 1
+    assert full.header.tc == 0
+
+
 # -- UDP with EDNS ----------------------------------------------------------------------
 
 
@@ -207,6 +247,14 @@ def test_tcp_gets_everything(edns: dc.Edns | None) -> None:
     assert_glue_matches(reply)
     assert len(reply.ar) - len(dc.opts(reply)) == 100
     assert len(raw) > 1232
+
+
+def test_tcp_size_limit() -> None:
+    # RFC 1035 section 4.2.2: a TCP message is at most 65535 octets
+    raw, reply = ask_raw(make(), "txthuge.service.nomad.", "TXT", tcp=True)
+    assert len(raw) <= 65535
+    assert 0 < len(reply.rr) < 6
+    assert reply.header.tc == 1
 
 
 def test_tcp_a_records_not_limited() -> None:

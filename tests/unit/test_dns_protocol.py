@@ -91,6 +91,24 @@ def test_out_of_zone_refused(qname: str, settings: DnsSettings, client: str) -> 
     assert "aa" not in dc.flags(reply)  # not authoritative for other zones
 
 
+@pytest.mark.parametrize(
+    ("qname", "qtype", "qclass"),
+    [("example.com.", "A", "IN"), ("version.bind.", "TXT", "CH"), ("nomad.", "AXFR", "IN")],
+)
+def test_refused_keeps_edns(qname: str, qtype: str, qclass: str) -> None:
+    # dns_rules.md: a query with an OPT gets a reply with one, whatever the rcode
+    data = dc.query(qname, qtype, qclass=qclass, edns=dc.Edns(payload=4096, do=True))
+    reply = dc.ask(make(), data)
+    assert dc.rcode_name(reply) == "REFUSED"
+    assert dc.opts(reply) == [dc.Opt(dc.SETTINGS.edns_max_payload, 0, 0, True)]
+
+
+@pytest.mark.parametrize("qtype", ["AXFR", "IXFR"])
+def test_out_of_zone_transfer_refused_not_forwarded(qtype: str) -> None:
+    reply = dc.ask(make(RECURSING), dc.query("example.com.", qtype), tcp=True)
+    assert dc.rcode_name(reply) == "REFUSED"
+
+
 @pytest.mark.parametrize("qname", OUT_OF_ZONE)
 @pytest.mark.parametrize("tcp", [False, True])
 @pytest.mark.parametrize("client", ["127.0.0.1", "127.1.2.3", "::1"])
@@ -207,6 +225,7 @@ def test_record_counts_beyond_the_data_formerr() -> None:
     reply = dc.ask(make(), data)
     assert reply.header.id == 0x4242
     assert dc.rcode_name(reply) == "FORMERR"
+    assert question_of(reply) == [("web.service.nomad.", QTYPE.A, 1)]  # one parsable question
 
 
 def test_two_opt_records_formerr() -> None:
