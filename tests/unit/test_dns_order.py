@@ -9,6 +9,8 @@ runs, while a uniform or a fixed order fails them every time.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from dnslib import DNSRecord
 
@@ -19,7 +21,7 @@ except ImportError:  # pragma: no cover - depends on how pytest imported this fi
 
 from discovery.dns.responder import Responder
 from discovery.dns.settings import DnsSettings
-from discovery.model import Instance, make_instance
+from discovery.model import Health, Instance, make_instance
 from discovery.registry import Registry
 
 
@@ -31,8 +33,12 @@ def inst(service: str, n: int, *, priority: int = 1, weight: int = 1) -> Instanc
         address=f"10.3.0.{n}",
         port=2000 + n,
         meta={"srv-priority": str(priority)},
-        weights={"passing": weight, "warning": 1},
+        weights={"passing": weight, "warning": 0},
     )
+
+
+def warning(instance: Instance) -> Instance:
+    return dataclasses.replace(instance, health=Health.WARNING)
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +59,8 @@ def responder() -> Responder:
             inst("weighted", 2, weight=9),
             # five equal instances
             *(inst("flat", n) for n in range(1, 6)),
+            # warning instances with warning weight 0
+            *(warning(inst("zero", n)) for n in range(1, 4)),
         ]
     )
     return Responder(reg, DnsSettings())
@@ -116,3 +124,17 @@ def test_udp_limited_answers_vary(responder: Responder) -> None:
         assert len(reply.rr) == 3
         seen.update(str(rr.rdata) for rr in reply.rr)
     assert len(seen) == 5
+
+
+def test_srv_zero_weights_served_and_shuffled(responder: Responder) -> None:
+    # RFC 2782: weight 0 is a valid weight; such targets are still answered
+    firsts = set()
+    for _ in range(50):
+        reply = ask(responder, "zero.service.nomad.", "SRV")
+        assert sorted((rr.rdata.weight, rr.rdata.port) for rr in reply.rr) == [
+            (0, 2001),
+            (0, 2002),
+            (0, 2003),
+        ]
+        firsts.add(reply.rr[0].rdata.port)
+    assert len(firsts) >= 2

@@ -11,7 +11,7 @@ import dataclasses
 import ipaddress
 
 import pytest
-from dnslib import QTYPE, RCODE, DNSRecord
+from dnslib import EDNS0, QTYPE, RCODE, DNSRecord, EDNSOption
 
 try:  # tests/unit is a rootdir-relative directory today; a package if it gains __init__.py
     from tests.unit import dnscase as dc
@@ -257,6 +257,25 @@ def test_opt_echoed(payload: int, do: bool, qname: str, rcode: str) -> None:
     reply = dc.ask(make(), data)
     assert dc.rcode_name(reply) == rcode
     assert dc.opts(reply) == [dc.Opt(dc.SETTINGS.edns_max_payload, 0, 0, do)]
+
+
+def test_edns_options_do_not_change_the_answer() -> None:
+    # RFC 6891 section 6.1.2: unknown options are ignored; here a cookie and a client subnet
+    record = DNSRecord.question("web.service.nomad.", "A")
+    record.header.id = dc.QUERY_ID
+    record.add_ar(
+        EDNS0(
+            udp_len=1232,
+            opts=[EDNSOption(10, b"12345678"), EDNSOption(8, b"\x00\x01\x18\x00\x0a\x00\x00")],
+        )
+    )
+    reply = dc.ask(make(), bytes(record.pack()))
+    assert dc.rcode_name(reply) == "NOERROR"
+    assert sorted(dc.texts(reply.rr)) == [
+        "web.service.nomad. 30 IN A 10.0.0.1",
+        "web.service.nomad. 30 IN A 10.0.1.2",
+    ]
+    assert dc.opts(reply) == [dc.Opt(dc.SETTINGS.edns_max_payload, 0, 0, False)]
 
 
 def test_opt_payload_is_the_setting() -> None:
