@@ -45,7 +45,6 @@ from discovery.model import (
     make_instance,
 )
 
-DEFAULT_DATACENTER = "dc1"
 DEFAULT_DOMAIN = "nomad."
 DEFAULT_BIND = "127.0.0.1"
 DEFAULT_DNS_PORT = 8600  # Consul's DNS port
@@ -500,7 +499,7 @@ def _walk(raw: RawFile, obj: Mapping[str, object], where: str, key: str, layer: 
             raise raw.error(k, "unknown key", w)
 
 
-def parse_file(raw: RawFile) -> _Layer:
+def _parse_file(raw: RawFile) -> _Layer:
     """Validate one file on its own."""
     layer = _Layer()
     _walk(raw, raw.data, "", "", layer)
@@ -642,7 +641,7 @@ def parse_config(
     settings: dict[str, _Setting] = {}
     services: list[_Service] = []
     for raw in files:
-        layer = parse_file(raw)
+        layer = _parse_file(raw)
         settings.update(layer.settings)
         services.extend(layer.services)
     _check_unique(services)

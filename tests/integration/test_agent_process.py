@@ -364,3 +364,19 @@ def test_sighup_rereads_a_config_directory(tmp_path: Path) -> None:
         assert agent.exit_code() == 0
     finally:
         agent.kill()
+
+
+def test_reload_keeps_what_needs_a_restart(run_agent: Callable[..., Agent], config: Path) -> None:
+    config.write_text('node_name = "first"\n' + WEB)
+    agent = run_agent().started()
+    targets = {str(rr.target) for rr in agent.query("web.service.nomad").answer[0]}
+    assert targets == {"first.node.dc1.nomad."}
+    replace_config(config, 'node_name = "second"\ndatacenter = "east"\n' + WEB)
+    agent.signal(signal.SIGHUP)
+    agent.expect(r"^waypost: warning: node_name changed to second; restart waypost to apply it$")
+    agent.expect(r"^waypost: config reloaded: 2 services from 1 files$")
+    # The node stays; the datacenter, a DNS setting, changes at once.
+    reply = agent.query("web.service.nomad")
+    assert {str(rr.target) for rr in reply.answer[0]} == {"first.node.east.nomad."}
+    assert agent.query("web.service.dc1.nomad").rcode() == dns.rcode.NXDOMAIN
+    assert agent.query("second.node.nomad", "A").rcode() == dns.rcode.NXDOMAIN
