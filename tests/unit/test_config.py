@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from types import MappingProxyType
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from discovery.config import (
     AgentConfig,
@@ -768,3 +771,38 @@ def test_cli_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[
 )
 def test_key_of_structural_paths(where: str, key: str) -> None:
     assert key_of(where) == key
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+def _paths(value: object, where: str) -> Iterator[str]:
+    if isinstance(value, dict):
+        for name, item in value.items():
+            key = f"{where}.{name}" if where else name
+            yield key
+            yield from _paths(item, key)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield f"{where}[{i}]"
+            yield from _paths(item, f"{where}[{i}]")
+
+
+@given(st.dictionaries(st.text(), json_values, max_size=5), st.sampled_from([None, 0, 2]))
+def test_json_lines_cover_every_key(data: dict[str, object], indent: int | None) -> None:
+    text = json.dumps(data, indent=indent, ensure_ascii=False)
+    raw = parse_json(text)
+    assert raw.data == data
+    lines = text.split("\n")  # JSON line breaks; str.splitlines also breaks on U+0085
+    for path in _paths(data, ""):
+        # Keys may contain "." or "[", so paths can collide; each still has a line in range.
+        assert 1 <= raw.lines[path] <= len(lines)
+    if indent:
+        for name in data:
+            assert (
+                lines[raw.lines[name] - 1].lstrip().startswith(json.dumps(name, ensure_ascii=False))
+            )
