@@ -19,6 +19,7 @@ PACKAGES = ("discovery", "netsetup")
 ADAPTERS: dict[str, set[str]] = {
     "dnslib": {"discovery/dns/codec.py"},
     "hcl2": {"discovery/hclfile.py"},
+    "lark": {"discovery/hclfile.py"},  # hcl2's parser: its syntax errors carry the line
 }
 
 
