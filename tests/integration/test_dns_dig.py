@@ -9,7 +9,7 @@ import pytest
 from discovery.model import make_instance
 
 if TYPE_CHECKING:
-    from conftest import RunningDns, StartWaypost
+    from tests.integration.conftest import RunningDns, StartWaypost
 
 WEB = (
     make_instance(

@@ -28,7 +28,7 @@ from discovery.model import Node, make_instance
 from discovery.registry import Registry
 
 if TYPE_CHECKING:
-    from conftest import RunningDns, StartWaypost
+    from tests.integration.conftest import RunningDns, StartWaypost
 
 TIMEOUT = 2.0
 INSTANCES = [
@@ -180,14 +180,14 @@ async def test_half_close_after_queries_gets_all_answers(server: RunningDns) -> 
 
 
 async def test_idle_timeout_closes(start_waypost: StartWaypost) -> None:
-    idle = 0.3
+    idle = 0.5
     dns_ = await start_waypost(DnsSettings(node_name="agent", tcp_idle_timeout=idle), INSTANCES)
     async with tcp_client(dns_) as (reader, writer):
-        # Active: queries every idle/2 keep it open well past the timeout.
-        for i in range(4):
+        # Active: a query every 0.15 s keeps it open well past the timeout.
+        for i in range(6):
             writer.write(framed(wire_query("web.service.nomad.", ident=i)))
             assert (await read_message(reader)).id == i
-            await asyncio.sleep(idle / 2)
+            await asyncio.sleep(0.15)
         started = time.monotonic()
         assert await closed_by_server(reader, within=idle * 5)
         elapsed = time.monotonic() - started
@@ -437,7 +437,7 @@ async def test_busy_port_raises_with_address() -> None:
 
 async def test_port_zero_retries_when_tcp_port_taken(monkeypatch: pytest.MonkeyPatch) -> None:
     real_bind = server_module._bind
-    failures = []
+    failures: list[int] = []
 
     def flaky_bind(family: int, kind: int, sockaddr: tuple[Any, ...]) -> socket.socket:
         if kind == socket.SOCK_STREAM and not failures:

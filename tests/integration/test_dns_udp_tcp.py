@@ -18,7 +18,7 @@ from discovery.dns.settings import DnsSettings
 from discovery.model import Health, Instance, make_instance
 
 if TYPE_CHECKING:
-    from conftest import RunningDns, StartWaypost
+    from tests.integration.conftest import RunningDns, StartWaypost
 
 SETTINGS = DnsSettings(node_name="agent")
 
