@@ -21,18 +21,18 @@ import ipaddress
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
-from enum import StrEnum
 from types import MappingProxyType
 from typing import Any
-from urllib.parse import urlsplit
 
 from discovery.dns.settings import DnsSettings, SoaSettings
+from discovery.durations import duration_ns, positive_seconds
 from discovery.errors import ConfigError, ValidationError
 from discovery.model import (
     EMPTY_META,
     EMPTY_PORTS,
     MAX_LABEL,
+    Check,
+    CheckKind,
     Health,
     Instance,
     Node,
@@ -42,7 +42,9 @@ from discovery.model import (
     check_label,
     check_port,
     is_label,
+    make_check,
     make_instance,
+    worst_health,
 )
 
 DEFAULT_DOMAIN = "nomad."
@@ -56,10 +58,6 @@ DEFAULT_CHECK_TIMEOUT = 10.0  # Consul's default for HTTP and TCP checks
 MAX_TTL = 2**31 - 1  # RFC 2181 section 8: TTLs are 31-bit
 MAX_NAME = 253  # RFC 1035 section 2.3.4, in presentation form without the root dot
 
-_NS_PER_UNIT = {"ns": 1, "us": 10**3, "µs": 10**3, "μs": 10**3, "ms": 10**6, "s": 10**9}
-_NS_PER_UNIT |= {"m": 60 * 10**9, "h": 3600 * 10**9}
-# Go's time.ParseDuration, which Consul and Nomad use: "1h30m", "250ms", "1.5s".
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
 _TTL_PATTERN = re.compile(r"^(?:\*|[a-z0-9][a-z0-9-]*\*?)$")
 
 
@@ -110,32 +108,6 @@ class Overrides:
     data_dir: str | None = None
 
 
-class CheckKind(StrEnum):
-    TTL = "ttl"
-    HTTP = "http"
-    TCP = "tcp"
-
-
-@dataclass(frozen=True, slots=True)
-class CheckDefinition:
-    """A Consul-shaped health check of a configured service (run by the checks module)."""
-
-    id: str
-    name: str
-    kind: CheckKind
-    target: str  # the URL (http), "host:port" (tcp), "" (ttl)
-    ttl: float = 0.0  # seconds; ttl checks only
-    interval: float = 0.0  # seconds; http and tcp checks only
-    timeout: float = 0.0  # seconds; http and tcp checks only
-    deregister_critical_service_after: float | None = None
-    status: Health | None = None  # initial status as configured
-
-    @property
-    def initial_health(self) -> Health:
-        """Consul: a check starts critical unless its definition gives a status."""
-        return self.status or Health.CRITICAL
-
-
 @dataclass(frozen=True, slots=True)
 class ServiceDefinition:
     """A validated `service` block; :func:`service_instances` places it on a node."""
@@ -148,14 +120,13 @@ class ServiceDefinition:
     meta: Mapping[str, str] = field(default_factory=lambda: EMPTY_META, hash=False)
     ports: Mapping[str, int] = field(default_factory=lambda: EMPTY_PORTS, hash=False)
     weights: Weights = field(default_factory=Weights)
-    checks: tuple[CheckDefinition, ...] = ()
+    checks: tuple[Check, ...] = ()
     origin: str = ""  # "file:line", for messages
 
     @property
     def initial_health(self) -> Health:
         """The worst initial status of its checks; passing without checks."""
-        order = [Health.PASSING, Health.WARNING, Health.CRITICAL]
-        return max((c.initial_health for c in self.checks), key=order.index, default=Health.PASSING)
+        return worst_health(self.checks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,8 +171,8 @@ def service_instances(services: Iterable[ServiceDefinition], node: Node) -> tupl
             meta=s.meta,
             ports=s.ports,
             weights=s.weights,
-            health=s.initial_health,
             source=SOURCE,
+            checks=s.checks,
         )
         for s in services
     )
@@ -229,55 +200,14 @@ def parse_endpoint(text: str, fieldname: str = "address") -> Endpoint:
 # -- values ----------------------------------------------------------------------
 
 
-def parse_duration(value: object, fieldname: str) -> float:
-    """Seconds from a Go duration string ("5s", "1m30s", "250ms") or a number of seconds."""
-    return _duration_ns(value, fieldname) / 10**9
-
-
-def _duration_ns(value: object, fieldname: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise ValidationError(fieldname, 'must be a duration like "5s" or a number of seconds')
-    if isinstance(value, int | float):
-        try:
-            ns = Decimal(str(value)) * 10**9
-        except InvalidOperation:
-            raise ValidationError(fieldname, f"{value!r} is not a duration") from None
-    elif value == "0":
-        ns = Decimal(0)
-    else:
-        ns, pos = Decimal(0), 0
-        while pos < len(value) or pos == 0:
-            part = _DURATION_PART.match(value, pos)
-            if part is None:
-                raise ValidationError(
-                    fieldname,
-                    f"{value!r} is not a duration (a number with a unit: ns, us, ms, s, m, h;"
-                    ' like "5s", "250ms", "1m30s")',
-                )
-            ns += Decimal(part[1]) * _NS_PER_UNIT[part[2]]
-            pos = part.end()
-    if not ns.is_finite():
-        raise ValidationError(fieldname, f"{value!r} is not a duration")
-    if ns < 0:
-        raise ValidationError(fieldname, f"{value!r} must not be negative")
-    return int(ns)
-
-
 def _seconds(value: object, fieldname: str) -> int:
     """A whole number of seconds (TTLs are integers on the wire), 0 to 2^31-1."""
-    ns = _duration_ns(value, fieldname)
+    ns = duration_ns(value, fieldname)
     if ns % 10**9:
         raise ValidationError(fieldname, f"{value!r} is not a whole number of seconds")
     if ns // 10**9 > MAX_TTL:
         raise ValidationError(fieldname, f"{value!r} is longer than {MAX_TTL} seconds")
     return ns // 10**9
-
-
-def _positive_seconds(value: object, fieldname: str) -> float:
-    seconds = parse_duration(value, fieldname)
-    if seconds <= 0:
-        raise ValidationError(fieldname, "must be longer than 0s")
-    return seconds
 
 
 def _bool(value: object, fieldname: str) -> bool:
@@ -389,10 +319,10 @@ _SETTINGS: Mapping[str, Callable[[Any, str], object]] = {
     "dns.udp_answer_limit": _ranged(1, 65535),
     "dns.enable_truncate": _bool,
     "dns.recursors": _recursors,
-    "dns.recursor_timeout": _positive_seconds,
+    "dns.recursor_timeout": positive_seconds,
     "dns.allow_recursion_from": _networks,
     "dns.edns_max_payload": _ranged(512, 65535),  # RFC 6891 section 6.2.5: below 512 means 512
-    "dns.tcp_idle_timeout": _positive_seconds,
+    "dns.tcp_idle_timeout": positive_seconds,
 }
 # Config keys whose DnsSettings field has another name.
 _DNS_FIELD = {"allow_recursion_from": "recursion_allowed"}
@@ -553,7 +483,7 @@ def _parse_service(raw: RawFile, obj: Mapping[str, object], where: str) -> _Serv
 
 def _parse_check(
     raw: RawFile, obj: Mapping[str, object], where: str, service: Instance, number: int
-) -> CheckDefinition:
+) -> Check:
     """A Consul check block; `number` (1-based, 0 if it is the only one) makes the default id."""
     for name in obj:
         if name not in _CHECK_KEYS:
@@ -562,68 +492,42 @@ def _parse_check(
     if len(kinds) != 1:
         raise raw.error(where, "a check needs exactly one of ttl, http or tcp")
     kind = kinds[0]
+    timed = kind is not CheckKind.TTL
+    suffix = f":{number}" if number else ""
     try:
-        target = _check_target(kind, obj.get(kind.value), f"{where}.{kind.value}")
-        timed = kind is not CheckKind.TTL
         for name in ("interval", "timeout"):
             if name in obj and not timed:
-                raise ValidationError(f"{where}.{name}", "is for http and tcp checks only")
+                raise ValidationError(name, "is for http and tcp checks only")
         if timed and "interval" not in obj:
-            raise ValidationError(f"{where}.interval", f"is required for {kind} checks")
-        status = obj.get("status")
-        if status is not None and status not in set(Health):
-            raise ValidationError(
-                f"{where}.status", f"{status!r} is not passing, warning or critical"
-            )
+            raise ValidationError("interval", f"is required for {kind} checks")
         dereg = obj.get("deregister_critical_service_after")
-        suffix = f":{number}" if number else ""
-        return CheckDefinition(
-            id=_name(obj.get("id", f"service:{service.id}{suffix}"), f"{where}.id"),
-            name=_name(obj.get("name", f"Service '{service.service}' check"), f"{where}.name"),
+        return make_check(
+            id=obj.get("id", f"service:{service.id}{suffix}"),
+            name=obj.get("name", f"Service '{service.service}' check"),
             kind=kind,
-            target=target,
-            ttl=_positive_seconds(obj["ttl"], f"{where}.ttl") if not timed else 0.0,
-            interval=_positive_seconds(obj["interval"], f"{where}.interval") if timed else 0.0,
+            target=obj.get(kind.value, ""),
+            ttl=positive_seconds(obj["ttl"], "ttl") if not timed else 0.0,
+            interval=positive_seconds(obj["interval"], "interval") if timed else 0.0,
             timeout=(
-                _positive_seconds(obj.get("timeout", DEFAULT_CHECK_TIMEOUT), f"{where}.timeout")
+                positive_seconds(obj.get("timeout", DEFAULT_CHECK_TIMEOUT), "timeout")
                 if timed
                 else 0.0
             ),
-            deregister_critical_service_after=(
+            deregister_after=(
                 None
                 if dereg is None
-                else _positive_seconds(dereg, f"{where}.deregister_critical_service_after")
+                else positive_seconds(dereg, "deregister_critical_service_after")
             ),
-            status=None if status is None else Health(str(status)),
+            status=obj.get("status"),
         )
     except ValidationError as err:
-        raise raw.error(err.field, err.message) from None
+        raise raw.error(err.within(where).field, err.message) from None
 
 
 def _name(value: object, fieldname: str) -> str:
     text = _string(value, fieldname)
     if any(ord(c) < 32 for c in text) or len(text) > 255:
         raise ValidationError(fieldname, "must be at most 255 printable characters")
-    return text
-
-
-def _check_target(kind: CheckKind, value: object, fieldname: str) -> str:
-    if kind is CheckKind.TTL:
-        return ""
-    text = _string(value, fieldname)
-    if kind is CheckKind.HTTP:
-        try:
-            url = urlsplit(text)
-            ok = url.scheme in ("http", "https") and bool(url.hostname)
-            url.port  # noqa: B018 - raises ValueError on a bad port
-        except ValueError:
-            ok = False
-        if not ok:
-            raise ValidationError(fieldname, f"{text!r} is not an http:// or https:// URL")
-        return text
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
-        raise ValidationError(fieldname, f"{text!r} is not HOST:PORT")
     return text
 
 

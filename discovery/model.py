@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
+from urllib.parse import urlsplit
 
 from discovery.errors import ValidationError
 
@@ -50,6 +51,41 @@ class Weights:
     warning: int = 1
 
 
+class CheckKind(StrEnum):
+    """How a check learns its status: pushed by the service (TTL) or probed by us."""
+
+    TTL = "ttl"
+    HTTP = "http"
+    TCP = "tcp"
+
+
+# Consul's ordering of statuses when several checks apply: the worst one wins.
+_SEVERITY = {Health.PASSING: 0, Health.WARNING: 1, Health.CRITICAL: 2}
+MAX_OUTPUT = 4096  # Consul's default check_output_max_size
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """A health check of one instance: its definition and its current state."""
+
+    id: str
+    name: str
+    kind: CheckKind
+    target: str = ""  # the URL (http), "host:port" (tcp), "" (ttl)
+    ttl: float = 0.0  # seconds; ttl checks only
+    interval: float = 0.0  # seconds; http and tcp checks only
+    timeout: float = 0.0  # seconds; http and tcp checks only
+    deregister_after: float | None = None  # DeregisterCriticalServiceAfter, seconds
+    status: Health = Health.CRITICAL  # Consul: a new check is critical until it passes
+    output: str = ""
+    notes: str = ""
+
+
+def worst_health(checks: Iterable[Check]) -> Health:
+    """The aggregate health of an instance: its worst check; passing without checks."""
+    return max((c.status for c in checks), key=_SEVERITY.__getitem__, default=Health.PASSING)
+
+
 EMPTY_META: Mapping[str, str] = MappingProxyType({})
 EMPTY_PORTS: Mapping[str, int] = MappingProxyType({})
 
@@ -74,6 +110,7 @@ class Instance:
     datacenter: str = ""  # "" means the local datacenter
     alloc_id: str = ""
     source: str = "api"  # who owns it: config, api, job, consul
+    checks: tuple[Check, ...] = ()  # health is worst_health(checks) when there are any
 
     @property
     def key(self) -> str:
@@ -216,6 +253,80 @@ def _check_weights(weights: object, fieldname: str) -> Weights:
     )
 
 
+def make_check(
+    *,
+    id: object,
+    name: object,
+    kind: CheckKind,
+    target: object = "",
+    ttl: float = 0.0,
+    interval: float = 0.0,
+    timeout: float = 0.0,
+    deregister_after: float | None = None,
+    status: object = None,
+    notes: object = "",
+) -> Check:
+    """Validate a check definition (durations already in seconds) and build it.
+
+    Error handling: raises ValidationError naming the field (`id`, `http`,
+    `tcp`, `interval`...).  The initial status is critical unless given.
+    """
+    ident = _check_str(id, "id", MAX_ID)
+    label = _check_str(name, "name", MAX_ID)
+    if kind is CheckKind.TTL:
+        if ttl <= 0:
+            raise ValidationError("ttl", "must be longer than 0s")
+        if interval or timeout:
+            raise ValidationError(
+                "interval" if interval else "timeout", "is for http and tcp checks"
+            )
+        checked_target = ""
+    else:
+        checked_target = _check_target(kind, target)
+        if interval <= 0:
+            raise ValidationError("interval", f"is required for {kind} checks")
+        if timeout <= 0:
+            raise ValidationError("timeout", "must be longer than 0s")
+    if deregister_after is not None and deregister_after <= 0:
+        raise ValidationError("deregister_critical_service_after", "must be longer than 0s")
+    try:
+        state = Health.CRITICAL if status is None else Health(str(status))
+    except ValueError:
+        raise ValidationError("status", f"{status!r} is not passing, warning or critical") from None
+    return Check(
+        id=ident,
+        name=label,
+        kind=kind,
+        target=checked_target,
+        ttl=ttl,
+        interval=interval,
+        timeout=timeout,
+        deregister_after=deregister_after,
+        status=state,
+        notes=_check_str(notes, "notes", MAX_OUTPUT, empty=True),
+    )
+
+
+def _check_target(kind: CheckKind, value: object) -> str:
+    fieldname = kind.value
+    if not isinstance(value, str) or not value:
+        raise ValidationError(fieldname, "must be a non-empty string")
+    if kind is CheckKind.HTTP:
+        try:
+            url = urlsplit(value)
+            ok = url.scheme in ("http", "https") and bool(url.hostname)
+            url.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValidationError(fieldname, f"{value!r} is not an http:// or https:// URL")
+        return value
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ValidationError(fieldname, f"{value!r} is not HOST:PORT")
+    return value
+
+
 def make_instance(
     *,
     service: object,
@@ -231,12 +342,14 @@ def make_instance(
     datacenter: str = "",
     alloc_id: str = "",
     source: str = "api",
+    checks: Iterable[Check] = (),
 ) -> Instance:
     """Validate raw values and build an :class:`Instance`.
 
     Error handling: the first invalid field raises ValidationError naming it
     (`service`, `port`, `meta.version`...).  The ID defaults to the service name,
     as in Consul.  The SRV priority comes from meta `srv-priority` (0-65535).
+    With checks, the health is theirs (worst_health) and `health` is ignored.
     """
     name = check_label(service, "service")
     ident = name if id is None or id == "" else _check_str(id, "id", MAX_ID)
@@ -251,6 +364,11 @@ def make_instance(
         state = Health(str(health))
     except ValueError:
         raise ValidationError("health", f"{health!r} is not passing, warning or critical") from None
+    check_list = tuple(checks)
+    if len({c.id for c in check_list}) != len(check_list):
+        raise ValidationError("checks", "check ids must be unique")
+    if check_list:
+        state = worst_health(check_list)
     return Instance(
         service=name,
         id=ident,
@@ -266,4 +384,5 @@ def make_instance(
         datacenter=datacenter,
         alloc_id=alloc_id,
         source=source,
+        checks=check_list,
     )

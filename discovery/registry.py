@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 from discovery.errors import NotFoundError
-from discovery.model import Health, Instance, Node
+from discovery.model import Health, Instance, Node, worst_health
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ class Registry:
     def __init__(self, local_node: Node, *, index: int = 0) -> None:
         self._local = local_node
         self._subscribers: list[Subscriber] = []
+        self._check_owner: dict[str, str] = {}  # check id -> instance id
         nodes = {local_node.name.lower(): local_node}
         self._snapshot = Snapshot(
             index=index,
@@ -115,6 +116,30 @@ class Registry:
         ]
         return self.apply(upserts=wanted.values(), removals=stale, nodes=nodes)
 
+    def check_owner(self, check_id: str) -> Instance | None:
+        """The instance that has check `check_id`, if any."""
+        owner = self._check_owner.get(check_id)
+        return None if owner is None else self._snapshot.instances.get(owner)
+
+    def update_check(self, check_id: str, status: Health, *, output: str | None = None) -> Snapshot:
+        """Set a check's status (and output); the instance's health follows (worst check).
+
+        Nothing is published when status and output are unchanged (a TTL check
+        refreshed with the same result does not wake anyone).
+        """
+        inst = self.check_owner(check_id)
+        if inst is None:
+            raise NotFoundError(f"unknown check {check_id!r}")
+        checks = tuple(
+            replace(c, status=status, output=c.output if output is None else output)
+            if c.id == check_id
+            else c
+            for c in inst.checks
+        )
+        if checks == inst.checks:
+            return self._snapshot
+        return self.apply(upserts=[replace(inst, checks=checks, health=worst_health(checks))])
+
     def put_alloc(self, alloc: Alloc) -> Snapshot:
         return self.apply(allocs=[alloc])
 
@@ -147,18 +172,26 @@ class Registry:
                 found = members[key] = {i.id: i for i in old.services.get(key, ())}
             return found
 
+        owners = self._check_owner
         for inst in upserts:
             prev = instances.get(inst.id)
             if prev == inst:
                 continue
             if prev is not None:
                 bucket(prev.key).pop(prev.id, None)
+                for check in prev.checks:
+                    owners.pop(check.id, None)
             instances[inst.id] = inst
             bucket(inst.key)[inst.id] = inst
+            for check in inst.checks:
+                owners[check.id] = inst.id
         for ident in removals:
             prev = instances.pop(ident, None)
             if prev is not None:
                 bucket(prev.key).pop(prev.id, None)
+                for check in prev.checks:
+                    if owners.get(check.id) == ident:
+                        del owners[check.id]
         node_map = dict(old.nodes)
         nodes_changed = False
         for node in nodes:

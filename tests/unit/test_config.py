@@ -13,21 +13,20 @@ from hypothesis import strategies as st
 
 from discovery.config import (
     AgentConfig,
-    CheckKind,
     Endpoint,
     Overrides,
     RawFile,
     key_of,
     node_name_from_hostname,
     parse_config,
-    parse_duration,
     parse_endpoint,
     service_instances,
 )
 from discovery.dns.settings import DnsSettings, SoaSettings
+from discovery.durations import parse_duration
 from discovery.errors import ConfigError, ValidationError
 from discovery.hclfile import expand_paths, load_config, parse_hcl, parse_json
-from discovery.model import Health, Node, Weights
+from discovery.model import CheckKind, Health, Node, Weights
 
 ROOT = Path(__file__).resolve().parents[2]
 MARK = "# <-"  # marks the line an error must name
@@ -356,7 +355,7 @@ service {
         CheckKind.HTTP,
         "http://127.0.0.1:8081/health",
     )
-    assert (http.interval, http.timeout, http.status) == (10.0, 10.0, None)
+    assert (http.interval, http.timeout, http.status) == (10.0, 10.0, Health.CRITICAL)
     assert (tcp.id, tcp.name, tcp.kind, tcp.target, tcp.timeout) == (
         "web-tcp",
         "port open",
@@ -364,7 +363,7 @@ service {
         "127.0.0.1:8081",
         1.0,
     )
-    assert (tcp.deregister_critical_service_after, tcp.status) == (60.0, Health.WARNING)
+    assert (tcp.deregister_after, tcp.status) == (60.0, Health.WARNING)
     assert (ttl.id, ttl.kind, ttl.ttl, ttl.interval) == (
         "service:web-1:3",
         CheckKind.TTL,

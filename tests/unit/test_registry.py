@@ -316,3 +316,56 @@ def test_service_index_moves_only_for_changed_services(registry: Registry) -> No
     snap = registry.remove("b")
     assert snap.service_index["api"] == snap.index  # removal is a change of the service
     assert snap.service_index["web"] == snap.index - 1
+
+
+def checked(ident: str, *checks: tuple[str, Health]) -> Instance:
+    from discovery.model import CheckKind, make_check
+
+    return make_instance(
+        service="web",
+        id=ident,
+        node="node1",
+        address="10.0.0.1",
+        port=80,
+        checks=[
+            make_check(id=cid, name=cid, kind=CheckKind.TTL, ttl=10.0, status=status)
+            for cid, status in checks
+        ],
+    )
+
+
+def test_health_is_the_worst_check(registry: Registry) -> None:
+    registry.upsert(checked("a", ("c1", Health.PASSING), ("c2", Health.WARNING)))
+    assert registry.snapshot.instances["a"].health is Health.WARNING
+    registry.update_check("c2", Health.CRITICAL, output="down")
+    current = registry.snapshot.instances["a"]
+    assert current.health is Health.CRITICAL
+    assert [(c.id, c.status, c.output) for c in current.checks] == [
+        ("c1", Health.PASSING, ""),
+        ("c2", Health.CRITICAL, "down"),
+    ]
+    registry.update_check("c2", Health.PASSING)
+    assert registry.snapshot.instances["a"].health is Health.PASSING
+    assert registry.snapshot.instances["a"].checks[1].output == "down"  # kept when not given
+
+
+def test_update_check_without_change_publishes_nothing(registry: Registry) -> None:
+    registry.upsert(checked("a", ("c1", Health.PASSING)))
+    before = registry.snapshot
+    assert registry.update_check("c1", Health.PASSING) is before
+    assert registry.update_check("c1", Health.PASSING, output="") is before
+    assert registry.update_check("c1", Health.PASSING, output="ok").index == before.index + 1
+
+
+def test_check_owner_follows_upserts_and_removals(registry: Registry) -> None:
+    registry.upsert(checked("a", ("c1", Health.PASSING)))
+    owner = registry.check_owner("c1")
+    assert owner is not None and owner.id == "a"
+    registry.upsert(checked("a", ("c2", Health.PASSING)))  # re-registered with another check
+    assert registry.check_owner("c1") is None
+    with pytest.raises(NotFoundError):
+        registry.update_check("c1", Health.CRITICAL)
+    registry.remove("a")
+    assert registry.check_owner("c2") is None
+    with pytest.raises(NotFoundError, match="c2"):
+        registry.update_check("c2", Health.CRITICAL)

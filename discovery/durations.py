@@ -1,0 +1,72 @@
+"""Go-style durations ("5s", "1m30s", "250ms"), as Consul and Nomad write them.  Pure.
+
+Used by the config files and by the HTTP API (Consul's check `Interval`,
+`TTL`, `Timeout`, and blocking queries' `wait`).
+"""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal, InvalidOperation
+
+from discovery.errors import ValidationError
+
+_NS_PER_UNIT = {"ns": 1, "us": 10**3, "µs": 10**3, "μs": 10**3, "ms": 10**6, "s": 10**9}
+_NS_PER_UNIT |= {"m": 60 * 10**9, "h": 3600 * 10**9}
+# Go's time.ParseDuration, which Consul and Nomad use: "1h30m", "250ms", "1.5s".
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+
+
+def parse_duration(value: object, fieldname: str) -> float:
+    """Seconds from a Go duration string ("5s", "1m30s", "250ms") or a number of seconds."""
+    return duration_ns(value, fieldname) / 10**9
+
+
+def duration_ns(value: object, fieldname: str) -> int:
+    """Nanoseconds from a duration; ValidationError naming `fieldname` if it is not one."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValidationError(fieldname, 'must be a duration like "5s" or a number of seconds')
+    if isinstance(value, int | float):
+        try:
+            ns = Decimal(str(value)) * 10**9
+        except InvalidOperation:
+            raise ValidationError(fieldname, f"{value!r} is not a duration") from None
+    elif value == "0":
+        ns = Decimal(0)
+    else:
+        ns, pos = Decimal(0), 0
+        while pos < len(value) or pos == 0:
+            part = _DURATION_PART.match(value, pos)
+            if part is None:
+                raise ValidationError(
+                    fieldname,
+                    f"{value!r} is not a duration (a number with a unit: ns, us, ms, s, m, h;"
+                    ' like "5s", "250ms", "1m30s")',
+                )
+            ns += Decimal(part[1]) * _NS_PER_UNIT[part[2]]
+            pos = part.end()
+    if not ns.is_finite():
+        raise ValidationError(fieldname, f"{value!r} is not a duration")
+    if ns < 0:
+        raise ValidationError(fieldname, f"{value!r} must not be negative")
+    return int(ns)
+
+
+def positive_seconds(value: object, fieldname: str) -> float:
+    """A duration longer than zero, in seconds."""
+    seconds = parse_duration(value, fieldname)
+    if seconds <= 0:
+        raise ValidationError(fieldname, "must be longer than 0s")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """The Go spelling of a duration ("10s", "1m30s", "250ms"), as Consul prints it."""
+    ms = round(seconds * 1000)
+    if ms % 1000:
+        return f"{ms}ms" if ms < 1000 else f"{ms / 1000:g}s"
+    whole = ms // 1000
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    text = (f"{hours}h" if hours else "") + (f"{minutes}m" if hours or minutes else "")
+    return text + f"{secs}s"
