@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from discovery.acl import AclSettings, parse_default_policy, parse_tokens
 from discovery.dns.settings import DnsSettings, SoaSettings
 from discovery.durations import duration_ns, positive_seconds
 from discovery.errors import ConfigError, ValidationError
@@ -143,6 +144,7 @@ class AgentConfig:
     dns: DnsSettings
     services: tuple[ServiceDefinition, ...] = ()
     files: tuple[str, ...] = ()
+    acl: AclSettings = field(default_factory=AclSettings)
 
     @property
     def datacenter(self) -> str:
@@ -295,7 +297,7 @@ def _ranged(low: int, high: int) -> Callable[[object, str], int]:
 # -- the schema ------------------------------------------------------------------
 
 # Blocks whose keys merge one by one across files (HCL blocks or JSON objects).
-_SECTIONS = frozenset({"ports", "addresses", "dns", "dns.soa"})
+_SECTIONS = frozenset({"ports", "addresses", "dns", "dns.soa", "acl"})
 # Every other setting: dotted key -> validator returning the value to keep.
 _SETTINGS: Mapping[str, Callable[[Any, str], object]] = {
     "datacenter": lambda value, fieldname: check_label(value, fieldname).lower(),
@@ -323,6 +325,9 @@ _SETTINGS: Mapping[str, Callable[[Any, str], object]] = {
     "dns.allow_recursion_from": _networks,
     "dns.edns_max_payload": _ranged(512, 65535),  # RFC 6891 section 6.2.5: below 512 means 512
     "dns.tcp_idle_timeout": positive_seconds,
+    "acl.enabled": _bool,
+    "acl.default_policy": parse_default_policy,
+    "acl.tokens": parse_tokens,
 }
 # Config keys whose DnsSettings field has another name.
 _DNS_FIELD = {"allow_recursion_from": "recursion_allowed"}
@@ -580,7 +585,13 @@ def parse_config(
         dns=dns,
         services=tuple(s.definition for s in services),
         files=tuple(raw.path for raw in files),
+        acl=_acl_settings(values),
     )
+
+
+def _acl_settings(values: Mapping[str, object]) -> AclSettings:
+    acl: dict[str, Any] = {k[4:]: v for k, v in values.items() if k.startswith("acl.")}
+    return AclSettings(**acl)
 
 
 def _endpoint(values: Mapping[str, object], name: str, bind: str, port: int) -> Endpoint:

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 # Bound on memoized questions; random-name floods clear it instead of growing it.
 MAX_CACHED = 100_000
+FORWARDED = -1  # pseudo-rcode counting queries handed to the recursors
 LOG_INTERVAL = 60.0  # seconds between two logs of the same internal error type
 MAX_CLIENTS_REMEMBERED = 4096  # recursion allow-list verdicts kept per settings
 
@@ -57,6 +58,9 @@ class Responder:
         self._allocs = registry.snapshot.allocs
         self._recurse: dict[str, bool] = {}
         self._logged: dict[str, float] = {}
+        # Queries answered, by (qtype, rcode or FORWARDED); read by the metrics endpoint.
+        # Malformed messages count under qtype 0 (FORMERR, NOTIMP).
+        self.counts: dict[tuple[int, int], int] = {}
         registry.subscribe(self._changed)
 
     def update_settings(self, settings: DnsSettings) -> None:
@@ -80,17 +84,22 @@ class Responder:
             if query is None:
                 return None
         except wire.QueryError as err:
-            return render_error(data, err.rcode, err.question)
+            return self._error(data, err)
         except wire.Unusual as unusual:
             try:
                 query = parse_unusual_query(data, unusual.name_end)
             except wire.QueryError as err:
-                return render_error(data, err.rcode, err.question)
+                return self._error(data, err)
         try:
             return self._answer(data, query, client, tcp)
         except Exception as err:
             self._log_internal(err)
             return self.servfail(data)
+
+    def _error(self, data: bytes, err: wire.QueryError) -> bytes | None:
+        tally = (0, err.rcode)
+        self.counts[tally] = self.counts.get(tally, 0) + 1
+        return render_error(data, err.rcode, err.question)
 
     def servfail(self, data: bytes) -> bytes | None:
         """A SERVFAIL reply echoing `data`'s id and question, or None if it has no header."""
@@ -115,6 +124,9 @@ class Responder:
             prepared = self._prepare(data, query, key)
         settings = self.settings
         recursion = bool(settings.recursors) and self._may_recurse(client)
+        counts = self.counts
+        tally = (query.qtype, FORWARDED if prepared.outside and recursion else prepared.rcode)
+        counts[tally] = counts.get(tally, 0) + 1
         if prepared.outside and recursion:
             return ForwardQuery(data)
         return render(data, query, prepared, settings, tcp=tcp, recursion=recursion)

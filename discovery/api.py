@@ -1,0 +1,127 @@
+"""The HTTP API's seam: requests, responses, routes.  Pure: no I/O, no aiohttp.
+
+Endpoint modules (:mod:`discovery.api_consul`, :mod:`discovery.api_nomad`,
+:mod:`discovery.api_waypost`) export ``ROUTES``: a tuple of :class:`Route`.
+The aiohttp adapter (:mod:`discovery.httpapi`) turns each HTTP request into an
+:class:`ApiRequest`, enforces tokens, runs blocking queries, and turns the
+:class:`ApiResponse` (or :class:`ApiError`) back into HTTP.
+
+Reads are synchronous functions of a registry snapshot, so a blocking query
+is: wait until the index of what the route watches passes the client's,
+then call the read once (the adapter caches the encoded body per index, so
+10,000 watchers woken by one change cost one encoding).
+Writes are coroutines that change state through :class:`ApiContext` and
+return once the change is durable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from discovery.acl import Access
+from discovery.errors import ValidationError
+from discovery.model import Health, Instance
+from discovery.registry import Registry, Snapshot
+
+# Watch everything (catalog-wide endpoints): woken by any registry change.
+WATCH_ALL = "*"
+__all__ = ["Access"]  # re-exported: routes name the access they need
+
+
+@dataclass(frozen=True, slots=True)
+class ApiRequest:
+    method: str
+    path: str
+    params: Mapping[str, str]  # path parameters ({name}, {id})
+    query: Mapping[str, Sequence[str]]  # query string, every value of each key
+    body: bytes = b""
+
+    def arg(self, name: str, default: str | None = None) -> str | None:
+        """The last value of query parameter `name` ('' for a bare `?passing`)."""
+        values = self.query.get(name)
+        return values[-1] if values else default
+
+    def flag(self, name: str) -> bool:
+        """A boolean query parameter: present and not "false"/"0" (Consul's `?passing`)."""
+        value = self.arg(name)
+        return value is not None and value.lower() not in ("false", "0")
+
+
+@dataclass(frozen=True, slots=True)
+class ApiResponse:
+    """A JSON (or text) response; `index` becomes X-Consul-Index and X-Nomad-Index."""
+
+    body: object = None  # JSON-able; or str for text bodies
+    status: int = 200
+    index: int | None = None
+    content_type: str = "application/json"
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+class ApiError(Exception):
+    """A 4xx/5xx answer: `{"error": message, "field": field}`."""
+
+    def __init__(self, status: int, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.field = field
+
+    @classmethod
+    def invalid(cls, err: ValidationError, prefix: str = "") -> ApiError:
+        """A 400 from a ValidationError, its field prefixed (`Check.TTL`)."""
+        named = err.within(prefix) if prefix else err
+        return cls(400, f"{named.field}: {named.message}", named.field)
+
+
+class ChecksControl(Protocol):
+    """What the API needs from the check runner (discovery.checks)."""
+
+    def ttl_update(self, check_id: str, status: Health, note: str) -> None:
+        """A TTL check's new status; raises NotFoundError for an unknown check."""
+        ...
+
+
+class Durability(Protocol):
+    """What the API needs from the store (discovery.store)."""
+
+    async def durable(self, index: int) -> None:
+        """Return once every registry change up to `index` is on disk (raises StateError)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class ApiContext:
+    """The agent's state, as endpoint modules see it."""
+
+    registry: Registry
+    store: Durability
+    checks: ChecksControl
+    datacenter: str
+    node_name: str
+
+    async def register(self, *instances: Instance) -> Snapshot:
+        """Upsert and wait until durable."""
+        snap = self.registry.upsert(*instances)
+        await self.store.durable(snap.index)
+        return snap
+
+
+Read = Callable[[ApiRequest, Snapshot], ApiResponse]
+Write = Callable[[ApiRequest, ApiContext], Awaitable[ApiResponse]]
+# The registry keys (lower-case service names, or WATCH_ALL) a read's result depends on.
+Watch = Callable[[ApiRequest], Sequence[str]]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One endpoint.  Exactly one of `read` and `write` is set."""
+
+    method: str
+    path: str  # aiohttp pattern: "/v1/health/service/{name}"
+    access: Access
+    read: Read | None = None
+    write: Write | None = None
+    watch: Watch | None = None  # blocking reads only: what to wait on
