@@ -76,14 +76,9 @@ class _ErrorLog:
             return
         self._last[kind] = now
         skipped = self._skipped.pop(kind, 0)
-        log.error(
-            "%s (%d more %s not logged in the last %.0f s)",
-            what,
-            skipped,
-            kind.__name__,
-            self._interval,
-            exc_info=exc,
-        )
+        if skipped:
+            what = f"{what} ({skipped} more {kind.__name__} since the last report)"
+        log.error("%s", what, exc_info=exc)
 
 
 class DnsServer:
@@ -285,7 +280,7 @@ class _TcpConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        self._update_reading()
+        self._drain()  # the queries left in the buffer while the client was not reading
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._server.forget(self)
@@ -303,11 +298,19 @@ class _TcpConnection(asyncio.Protocol):
     # -- framing -------------------------------------------------------------------
 
     def _drain(self) -> None:
-        """Answer every complete message in the buffer, up to the pending limit."""
+        """Answer the complete messages in the buffer while the limits allow.
+
+        Stops at MAX_TCP_PENDING forwarded queries, or when the client does not
+        read its answers (pause_writing): what is left waits in the buffer.
+        """
         buf = self._buffer
         end = len(buf)
         pos = 0
-        while end - pos >= LENGTH_PREFIX and self._pending < MAX_TCP_PENDING:
+        while (
+            end - pos >= LENGTH_PREFIX
+            and self._pending < MAX_TCP_PENDING
+            and not self._write_paused
+        ):
             size = buf[pos] << 8 | buf[pos + 1]
             if size < HEADER_SIZE:
                 # A zero length or a message shorter than a header: the framing

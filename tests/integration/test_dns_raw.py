@@ -152,6 +152,34 @@ async def test_many_pipelined_queries(server: RunningDns) -> None:
     assert sorted(ids) == list(range(count))
 
 
+async def test_client_that_does_not_read_is_not_buffered_for(
+    start_waypost: StartWaypost,
+) -> None:
+    instances = [
+        make_instance(service="big", id=f"big-{n}", node="agent", address=f"10.1.0.{n}", port=n)
+        for n in range(1, 31)
+    ]
+    dns_ = await start_waypost(DnsSettings(node_name="agent"), instances)
+    count = 20_000  # ~1.5 KiB answers: 30 MB, more than the kernel's socket buffers hold
+    query = wire_query("big.service.nomad.", "SRV")
+    async with tcp_client(dns_) as (reader, writer):
+        writer.write(
+            b"".join(framed(ident.to_bytes(2, "big") + query[2:]) for ident in range(count))
+        )
+        await asyncio.sleep(0.5)  # the server answers until the client stops reading
+        [conn] = dns_.server._connections
+        assert conn._transport is not None
+        buffered = conn._transport.get_write_buffer_size()
+        assert buffered < 1_000_000  # it stopped reading instead of queueing 30 MB
+        seen = bytearray(count)
+        async with asyncio.timeout(10 * TIMEOUT):
+            for _ in range(count):
+                (size,) = struct.unpack(">H", await reader.readexactly(2))
+                reply = await reader.readexactly(size)
+                seen[int.from_bytes(reply[:2], "big")] += 1
+    assert seen == bytearray(b"\x01" * count)
+
+
 async def test_query_split_across_writes(server: RunningDns) -> None:
     first = framed(wire_query("web.service.nomad.", ident=1))
     second = framed(wire_query("db.service.nomad.", ident=2))
