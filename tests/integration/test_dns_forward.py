@@ -23,6 +23,7 @@ import dns.rrset
 import pytest
 
 from discovery.dns.forward import forward_query, parse_recursor
+from discovery.dns.server import MAX_TCP_PENDING
 from discovery.dns.settings import DnsSettings
 from discovery.model import Instance, make_instance
 
@@ -240,6 +241,8 @@ class FakeUpstream:
     def __init__(self, script: Script) -> None:
         self.script = script
         self.ids: list[int] = []
+        self.active = 0  # TCP exchanges in progress, and the most seen at once
+        self.peak = 0
         self.port = 0
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
@@ -279,6 +282,8 @@ class FakeUpstream:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
+        self.active += 1
+        self.peak = max(self.peak, self.active)
         try:
             (size,) = struct.unpack(">H", await reader.readexactly(2))
             query = dns.message.from_wire(await reader.readexactly(size))
@@ -289,6 +294,7 @@ class FakeUpstream:
             await writer.drain()
             await reader.read()  # until the client closes
         finally:
+            self.active -= 1
             writer.close()
             with suppress(OSError):
                 await writer.wait_closed()
@@ -394,6 +400,34 @@ async def test_forwarded_answers_may_come_out_of_order_over_tcp(
     assert [r.id for r in replies] == [2, 1]
     assert addresses(replies[0]) == ["10.0.0.1"]
     assert addresses(replies[1]) == ["192.0.2.9"]
+
+
+async def test_outstanding_forwards_per_tcp_connection_are_capped(
+    start_waypost: StartWaypost, fake: Any
+) -> None:
+    upstream = await fake(lambda q: [(0.2, answer(q, "192.0.2.8"))])
+    dns_ = await start_waypost(front_settings(f"127.0.0.1:{upstream.port}"), LOCAL)
+    count = MAX_TCP_PENDING + 36
+    queries = []
+    for ident in range(count):
+        query = dns.message.make_query(f"q{ident}.example.", "A")
+        query.id = ident
+        queries.append(query.to_wire())
+    reader, writer = await asyncio.open_connection(dns_.host, dns_.port)
+    try:
+        writer.write(b"".join(struct.pack(">H", len(w)) + w for w in queries))
+        ids = []
+        async with asyncio.timeout(5 * TIMEOUT):
+            for _ in range(count):
+                (size,) = struct.unpack(">H", await reader.readexactly(2))
+                ids.append(dns.message.from_wire(await reader.readexactly(size)).id)
+    finally:
+        writer.close()
+        with suppress(OSError):
+            await writer.wait_closed()
+    assert sorted(ids) == list(range(count))
+    # Forwarded concurrently, but never more than the cap: the rest waited in the buffer.
+    assert MAX_TCP_PENDING // 2 <= upstream.peak <= MAX_TCP_PENDING
 
 
 async def test_forward_limit_gives_servfail_at_once(
