@@ -52,7 +52,8 @@ HEADER_SIZE = 12
 # RFC 1035 section 4.2.2: TCP messages carry a 16-bit length prefix.
 LENGTH_PREFIX = 2
 MAX_TCP_MESSAGE = 65535
-# RFC 1035 section 4.1.1: RA is the top bit of the header's fourth octet.
+# RFC 1035 section 4.1.1: AA is in the header's third octet, RA tops the fourth.
+AA_BIT = 0x04
 RA_BIT = 0x80
 MIN_TIMER = 0.05  # seconds; re-arming the idle timer sooner than this is pointless
 
@@ -161,8 +162,8 @@ class DnsServer:
             return None
         if len(self._forwards) >= self.max_forwards:
             reply = self.servfail(data)
-            if reply is not None:
-                send(reply)
+            if reply is not None and len(reply) >= HEADER_SIZE:
+                send(_as_forwarder(reply))
             return None
         task = asyncio.get_running_loop().create_task(self._relay(query, data, send, tcp))
         self._forwards.add(task)
@@ -180,12 +181,19 @@ class DnsServer:
             reply = None
         if reply is None:
             reply = self.servfail(data)
-        else:
-            # The client may recurse through us (the responder checked), so say so,
-            # whatever the upstream said (an authoritative upstream sends RA=0).
-            reply = reply[:3] + bytes((reply[3] | RA_BIT,)) + reply[4:]
-        if reply is not None:
-            send(reply)
+        if reply is not None and len(reply) >= HEADER_SIZE:
+            send(_as_forwarder(reply))
+
+
+def _as_forwarder(reply: bytes) -> bytes:
+    """`reply` with the header bits of a forwarder (RFC 1035 section 4.1.1).
+
+    RA=1: the client may recurse through us (the responder checked), whatever
+    the upstream said (an authoritative upstream sends RA=0).  AA=0: we are
+    not an authority for that name, whatever the upstream is.
+    """
+    flags = bytes(((reply[2] & ~AA_BIT) & 0xFF, reply[3] | RA_BIT))
+    return reply[:2] + flags + reply[4:]
 
 
 class _UdpProtocol(asyncio.DatagramProtocol):

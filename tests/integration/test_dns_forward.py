@@ -102,6 +102,7 @@ async def test_out_of_zone_is_forwarded(front: RunningDns, transport: str) -> No
     reply = await ask(dns.message.make_query("i1.api.service.example.", "A", use_edns=0))
     assert reply.rcode() == dns.rcode.NOERROR
     assert reply.flags & dns.flags.RA
+    assert not reply.flags & dns.flags.AA  # authoritative upstream, but we are not
     assert addresses(reply) == ["10.9.0.1"]  # the upstream's data: only it has `example.`
     # Mixed case is echoed; 30 A records fit the client's 1232 octets (not the upstream's
     # UDP cap of 512: over UDP this needs the TCP retry).
@@ -152,6 +153,7 @@ async def test_dead_recursor_gives_servfail_after_timeout(
     reply = await ask(dns.message.make_query("api.service.example.", "A"))
     elapsed = time.monotonic() - started
     assert reply.rcode() == dns.rcode.SERVFAIL
+    assert reply.flags & dns.flags.RA
     assert reply.question[0].name.to_text() == "api.service.example."
     assert SHORT * 0.9 <= elapsed < TIMEOUT
 
@@ -194,6 +196,17 @@ async def test_unreachable_recursor_skipped_at_once(
     reply = await dns_.udp(dns.message.make_query("i2.api.service.example.", "A"))
     assert time.monotonic() - started < 1.0  # ICMP port unreachable, not the timeout
     assert addresses(reply) == ["10.9.0.2"]
+
+
+async def test_recursors_added_by_update_settings(
+    start_waypost: StartWaypost, upstream: RunningDns
+) -> None:
+    dns_ = await start_waypost(DnsSettings(node_name="agent"), LOCAL)
+    query = dns.message.make_query("i4.api.service.example.", "A")
+    assert (await dns_.udp(query)).rcode() == dns.rcode.REFUSED
+    dns_.responder.update_settings(front_settings(f"127.0.0.1:{upstream.port}"))  # SIGHUP
+    for ask in (dns_.udp, dns_.tcp):
+        assert addresses(await ask(query)) == ["10.9.0.4"]
 
 
 # -- truncation upstream --------------------------------------------------------------------
@@ -443,6 +456,7 @@ async def test_forward_limit_gives_servfail_at_once(
     second = await dns_.udp(dns.message.make_query("two.example.", "A"))
     assert time.monotonic() - started < slow / 2
     assert second.rcode() == dns.rcode.SERVFAIL
+    assert second.flags & dns.flags.RA
     assert (await first).rcode() == dns.rcode.SERVFAIL
 
 
