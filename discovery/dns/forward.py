@@ -82,7 +82,14 @@ def parse_recursor(text: str) -> tuple[str, int]:
     return str(ip), port
 
 
-_parse_cached = functools.lru_cache(maxsize=64)(parse_recursor)
+@functools.lru_cache(maxsize=64)
+def _address(text: str) -> tuple[str, int] | None:
+    """parse_recursor, memoized; an invalid recursor is logged once and skipped."""
+    try:
+        return parse_recursor(text)
+    except ValueError as exc:
+        log.warning("skipping recursor: %s", exc)
+        return None
 
 
 async def forward_query(
@@ -104,10 +111,8 @@ async def forward_query(
     if question is None:
         return None  # nothing to match a reply against (the responder never sends these)
     for text in recursors:
-        try:
-            address = _parse_cached(text)
-        except ValueError as exc:
-            log.warning("skipping recursor: %s", exc)
+        address = _address(text)
+        if address is None:
             continue
         reply = await _ask(query, question, address, timeout, tcp=tcp)
         if reply is not None and reply[3] & RCODE_MASK in ANSWER_RCODES:

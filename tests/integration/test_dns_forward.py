@@ -491,6 +491,21 @@ async def test_forward_query_restores_client_id(upstream: RunningDns) -> None:
     assert addresses(message) == ["10.9.0.3"]
 
 
+async def test_invalid_recursor_skipped_and_logged_once(
+    upstream: RunningDns, caplog: pytest.LogCaptureFixture
+) -> None:
+    query = dns.message.make_query("i5.api.service.example.", "A").to_wire()
+    recursors = ["127.0.0.1:0", f"127.0.0.1:{upstream.port}"]
+    caplog.set_level("WARNING", logger="discovery.dns.forward")
+    for _ in range(3):
+        reply = await forward_query(query, recursors, 1.0, tcp=False)
+        assert reply is not None
+        assert addresses(dns.message.from_wire(reply)) == ["10.9.0.5"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "skipping recursor: recursor '127.0.0.1:0': port '0' is not a number 1-65535"
+    ]
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
