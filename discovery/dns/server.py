@@ -10,7 +10,7 @@ forwarded queries (:mod:`discovery.dns.forward`) and enforces resource limits.
 - TCP (RFC 7766): 2-octet length framing, several pipelined queries per
   connection (forwarded ones may be answered out of order, section 6.2.1.1),
   an idle timeout (section 6.2.3), a cap on connections and on outstanding
-  queries per connection (section 6.2.2: servers must protect themselves).
+  queries per connection (section 10: servers should limit TCP resources).
 - Forwarded queries run as tasks, at most `max_forwards` at a time; beyond
   that, or when every recursor fails, the client gets SERVFAIL.
 
@@ -35,7 +35,7 @@ from discovery.dns.responder import ForwardQuery, Responder
 
 log = logging.getLogger(__name__)
 
-# RFC 7766 section 6.2.2: a server must limit the resources one client can take.
+# RFC 7766 section 10: a server should limit the TCP resources clients can take.
 MAX_TCP_CONNECTIONS = 512
 # Forwarded queries outstanding on one TCP connection before we stop reading it.
 MAX_TCP_PENDING = 64
@@ -279,8 +279,9 @@ class _TcpConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         self._eof = True
-        # Keep our half open while forwarded answers are still to be written.
-        return True if self._pending else None
+        # Keep our half open while answers are still to come (forwarded queries,
+        # or queries held back while the client did not read).
+        return True if self._owing() else None
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -311,6 +312,9 @@ class _TcpConnection(asyncio.Protocol):
         Stops at MAX_TCP_PENDING forwarded queries, or when the client does not
         read its answers (pause_writing): what is left waits in the buffer.
         """
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
         buf = self._buffer
         end = len(buf)
         pos = 0
@@ -321,8 +325,8 @@ class _TcpConnection(asyncio.Protocol):
         ):
             size = buf[pos] << 8 | buf[pos + 1]
             if size < HEADER_SIZE:
-                # A zero length or a message shorter than a header: the framing
-                # cannot be trusted any more, so close (RFC 7766 section 6.2.4 allows it).
+                # A zero length or a message shorter than a header: the stream
+                # cannot be resynchronised, so close it.
                 self._close()
                 return
             stop = pos + LENGTH_PREFIX + size
@@ -330,10 +334,13 @@ class _TcpConnection(asyncio.Protocol):
                 break
             self._answer(bytes(buf[pos + LENGTH_PREFIX : stop]))
             pos = stop
-            if self._transport is None or self._transport.is_closing():
+            if transport.is_closing():
                 return
         if pos:
             del buf[:pos]
+        if self._eof and not self._owing():
+            transport.close()  # the client half-closed and has every answer: flush, close
+            return
         self._update_reading()
 
     def _answer(self, message: bytes) -> None:
@@ -373,12 +380,14 @@ class _TcpConnection(asyncio.Protocol):
     def _forward_done(self, task: asyncio.Task[None]) -> None:
         self._pending -= 1
         self._last_active = self._loop.time()
-        transport = self._transport
-        if transport is None or transport.is_closing():
-            return
         self._drain()
-        if self._eof and not self._pending and not transport.is_closing():
-            transport.close()  # the client half-closed and has every answer now
+
+    def _owing(self) -> bool:
+        """True while a forwarded answer is pending or a complete query is buffered."""
+        buf = self._buffer
+        return bool(self._pending) or (
+            len(buf) >= LENGTH_PREFIX and len(buf) >= LENGTH_PREFIX + (buf[0] << 8 | buf[1])
+        )
 
     # -- limits ----------------------------------------------------------------------
 
@@ -400,21 +409,24 @@ class _TcpConnection(asyncio.Protocol):
 
     def _on_timer(self) -> None:
         self._timer = None
-        if self._transport is None or self._transport.is_closing():
+        if self._transport is None:
             return
         timeout = self._server.responder.settings.tcp_idle_timeout
         idle = self._loop.time() - self._last_active
-        if self._pending or idle < timeout:
-            self._arm_timer(timeout - idle if idle < timeout else timeout)
-            return
-        # RFC 7766 section 6.2.3: the server closes connections that stay idle.
-        self._close()
+        if idle < timeout:
+            self._arm_timer(timeout - idle)
+        elif self._pending and not self._transport.is_closing():
+            self._arm_timer(timeout)  # waiting for the recursors is not idling
+        else:
+            # RFC 7766 section 6.2.3: the server closes connections that stay idle
+            # (or that stay unread while we flush our last answers).
+            self._close()
 
     def _close(self) -> None:
         transport = self._transport
         if transport is None:
             return
-        if transport.get_write_buffer_size():
+        if transport.is_closing() or transport.get_write_buffer_size():
             transport.abort()  # the client does not read: do not wait for it
         else:
             transport.close()

@@ -166,6 +166,7 @@ async def test_client_that_does_not_read_is_not_buffered_for(
         writer.write(
             b"".join(framed(ident.to_bytes(2, "big") + query[2:]) for ident in range(count))
         )
+        writer.write_eof()  # a half-close must not lose the queries still held back
         await asyncio.sleep(0.5)  # the server answers until the client stops reading
         [conn] = dns_.server._connections
         assert conn._transport is not None
@@ -177,6 +178,7 @@ async def test_client_that_does_not_read_is_not_buffered_for(
                 (size,) = struct.unpack(">H", await reader.readexactly(2))
                 reply = await reader.readexactly(size)
                 seen[int.from_bytes(reply[:2], "big")] += 1
+        assert await closed_by_server(reader)  # then it closes: everything was answered
     assert seen == bytearray(b"\x01" * count)
 
 
