@@ -13,7 +13,7 @@ import asyncio
 import shutil
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import dns.asyncquery
 import dns.message
@@ -131,15 +131,10 @@ DIG = shutil.which("dig") or "dig"
 StartWaypost = Callable[..., Awaitable[RunningDns]]
 
 
-@dataclass
-class _Started:
-    servers: list[DnsServer] = field(default_factory=list)
-
-
 @pytest.fixture
 async def start_waypost() -> AsyncIterator[StartWaypost]:
     """A factory: `await start_waypost(settings, instances, host=..., **start_dns_kwargs)`."""
-    started = _Started()
+    started: list[DnsServer] = []
 
     async def start(
         settings: DnsSettings | None = None,
@@ -154,13 +149,13 @@ async def start_waypost() -> AsyncIterator[StartWaypost]:
         registry.apply(upserts=instances, nodes=nodes)
         responder = responder_class(registry, settings or DnsSettings(node_name=LOCAL_NODE.name))
         server = await start_dns(responder, host, 0, **kwargs)
-        started.servers.append(server)
+        started.append(server)
         return RunningDns(registry, responder, server)
 
     yield start
-    for server in started.servers:
+    for server in started:
         server.close()
-    for server in started.servers:
+    for server in started:
         await server.wait_closed()
 
 
