@@ -20,6 +20,7 @@ ADAPTERS: dict[str, set[str]] = {
     "dnslib": {"discovery/dns/codec.py"},
     "hcl2": {"discovery/hclfile.py"},
     "lark": {"discovery/hclfile.py"},  # hcl2's parser: its syntax errors carry the line
+    "sqlite3": {"discovery/store.py"},
 }
 
 
