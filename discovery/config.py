@@ -25,6 +25,7 @@ from types import MappingProxyType
 from typing import Any
 
 from discovery.acl import AclSettings, parse_default_policy, parse_tokens
+from discovery.dns.forward import DNS_PORT, parse_recursor
 from discovery.dns.settings import DnsSettings, SoaSettings
 from discovery.durations import duration_ns, positive_seconds
 from discovery.errors import ConfigError, ValidationError
@@ -269,9 +270,10 @@ def _recursor(value: object, fieldname: str) -> str:
     """ "ip" or "ip:port" / "[v6]:port", canonical."""
     text = _string(value, fieldname)
     try:
-        return str(ipaddress.ip_address(text))
-    except ValueError:
-        return str(parse_endpoint(text, fieldname))
+        host, port = parse_recursor(text)
+    except ValueError as exc:
+        raise ValidationError(fieldname, str(exc)) from None
+    return host if port == DNS_PORT else str(Endpoint(host, port))
 
 
 def _recursors(value: object, fieldname: str) -> tuple[str, ...]:

@@ -62,9 +62,7 @@ def render(
     opt = b""
     if edns is not None:
         if edns.version > 0:  # RFC 6891 section 6.1.3
-            return error_reply(
-                data, wire.BADVERS, question, settings.edns_max_payload, edns.dnssec_ok
-            )
+            return error_reply(data, wire.BADVERS, question, edns, settings.edns_max_payload)
         opt = wire.encode_opt(settings.edns_max_payload, 0, edns.dnssec_ok)
     limit, max_answers = size_limits(query, settings, tcp)
     body = pick_body(prepared, wire.HEADER_SIZE + len(question), limit - len(opt), max_answers)
@@ -177,25 +175,35 @@ def render_body(
     return Body(data, len(records), len(glue) + prepared.extra_count, truncated)
 
 
-def render_error(data: bytes, rcode: int, question: bytes) -> bytes | None:
+def render_error(
+    data: bytes,
+    rcode: int,
+    question: bytes,
+    edns: wire.Edns | None = None,
+    payload: int = DEFAULT_EDNS_PAYLOAD,
+) -> bytes | None:
     """A reply with `rcode`, no records, `question` echoed; None if `data` has no header."""
     if len(data) < wire.HEADER_SIZE:
         return None
-    return error_reply(data, rcode, question)
+    return error_reply(data, rcode, question, edns, payload)
 
 
 def error_reply(
     data: bytes,
     rcode: int,
     question: bytes,
+    edns: wire.Edns | None = None,
     payload: int = DEFAULT_EDNS_PAYLOAD,
-    dnssec_ok: bool = False,
 ) -> bytes:
-    """render_error() for a message known to have a header; extended rcodes go in an OPT."""
+    """render_error() for a message known to have a header.
+
+    An OPT is added when the query had one (RFC 6891 section 7) and always for
+    extended rcodes (BADVERS), whose upper bits only an OPT can carry.
+    """
     flags = (data[2] << 8) | data[3]
     reply_flags = wire.FLAG_QR | (flags & (wire.OPCODE_MASK | wire.FLAG_RD)) | (rcode & 0xF)
     opt = b""
-    if rcode > 0xF:  # only BADVERS here; it needs an OPT to carry the upper bits
-        opt = wire.encode_opt(payload, rcode >> 4, dnssec_ok)
+    if edns is not None or rcode > 0xF:
+        opt = wire.encode_opt(payload, rcode >> 4, edns is not None and edns.dnssec_ok)
     header = wire.encode_header(data[:2], reply_flags, 1 if question else 0, 0, 0, 1 if opt else 0)
     return header + question + opt

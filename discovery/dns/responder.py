@@ -109,8 +109,11 @@ class Responder:
             query = wire.parse_query(data)
         except (wire.QueryError, wire.Unusual):
             query = None
-        question = data[wire.HEADER_SIZE : query.name_end + 4] if query else b""
-        return render_error(data, wire.SERVFAIL, question)
+        if query is None:
+            return render_error(data, wire.SERVFAIL, b"")
+        question = data[wire.HEADER_SIZE : query.name_end + 4]
+        payload = self.settings.edns_max_payload
+        return render_error(data, wire.SERVFAIL, question, query.edns, payload)
 
     # -- internals -------------------------------------------------------------
 

@@ -185,7 +185,7 @@ def test_service_ttl_lookup_through_settings() -> None:
         ("dns {\n  tcp_idle_timeout = 3\n}", {"tcp_idle_timeout": 3.0}),
         (
             'dns {\n  recursors = ["127.0.0.53", "127.0.0.1:5353", "[::1]:53", "::1"]\n}',
-            {"recursors": ("127.0.0.53", "127.0.0.1:5353", "[::1]:53", "::1")},
+            {"recursors": ("127.0.0.53", "127.0.0.1:5353", "::1", "::1")},
         ),
         (
             'dns {\n  soa {\n    refresh = "1m"\n    min_ttl = 5\n  }\n}',
@@ -579,7 +579,7 @@ HCL_ERRORS = [
     ('dns {\n  only_passing = "yes" # <-\n}', "dns.only_passing", "must be true or false"),
     ("dns {\n  udp_answer_limit = 0 # <-\n}", "dns.udp_answer_limit", "0 is out of range 1-65535"),
     ("dns {\n  edns_max_payload = 100 # <-\n}", "dns.edns_max_payload", "out of range 512-65535"),
-    ('dns {\n  recursors = ["dns.google"] # <-\n}', "dns.recursors[0]", "is not HOST:PORT"),
+    ('dns {\n  recursors = ["dns.google"] # <-\n}', "dns.recursors[0]", "not looked up by name"),
     ('dns {\n  recursor_timeout = "0s" # <-\n}', "dns.recursor_timeout", "longer than 0s"),
     ("dns {\n  tcp_idle_timeout = true # <-\n}", "dns.tcp_idle_timeout", "must be a duration"),
     (
@@ -805,3 +805,10 @@ def test_json_lines_cover_every_key(data: dict[str, object], indent: int | None)
             assert (
                 lines[raw.lines[name] - 1].lstrip().startswith(json.dumps(name, ensure_ascii=False))
             )
+
+
+@pytest.mark.parametrize("recursor", ["127.0.0.1:0", "dns.google", "[::1", "1.2.3.4:99999"])
+def test_recursor_rejected_at_config_time(recursor: str) -> None:
+    # the same rule the forwarder applies, so nothing valid here is skipped at run time
+    with pytest.raises(ConfigError, match=r"dns\.recursors"):
+        hcl(f'dns {{\n  recursors = ["{recursor}"]\n}}')
