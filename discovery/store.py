@@ -137,7 +137,6 @@ def parse_instance(text: str) -> Instance:
     rendered instance.
     """
     f = _Fields(_loads(text), "")
-    passing, warning = f.integers("weights", 2)
     return Instance(
         service=f.text("service"),
         id=f.text("id"),
@@ -147,7 +146,7 @@ def parse_instance(text: str) -> Instance:
         tags=tuple(f.texts("tags")),
         meta=MappingProxyType(f.mapping("meta", str)),
         ports=MappingProxyType(f.mapping("ports", int)),
-        weights=Weights(passing=passing, warning=warning),
+        weights=Weights(*f.integers("weights", 2)),
         priority=f.integer("priority"),
         health=Health(f.text("health")),
         datacenter=f.text("datacenter"),
@@ -552,10 +551,10 @@ class Store:
         """
         if index <= self._committed:
             return
+        if self._finished or (self._closing.is_set() and index > self._seen):
+            raise StateError(f"{self.path}: closed before index {index} was written")
         if index > self._seen:
             raise ValueError(f"index {index} is ahead of the registry (at {self._seen})")
-        if self._finished:
-            raise StateError(f"{self.path}: closed before index {index} was written")
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._waiters, (index, next(self._order), future))
         self._kick()
