@@ -360,6 +360,22 @@ def test_servfail_echoes_id_and_question() -> None:
     assert reply.rr == []
 
 
+@pytest.mark.parametrize("do", [False, True])
+def test_servfail_to_an_edns_query_carries_an_opt(do: bool) -> None:
+    # RFC 6891 section 7: a reply to a query with an OPT has one (forward failures use this)
+    raw = make().servfail(dc.query("x.example.", "A", edns=dc.Edns(payload=4096, do=do)))
+    assert isinstance(raw, bytes)
+    reply = DNSRecord.parse(raw)
+    assert reply.header.rcode == RCODE.SERVFAIL
+    assert dc.opts(reply) == [dc.Opt(dc.SETTINGS.edns_max_payload, 0, 0, do)]
+
+
+def test_servfail_without_edns_has_no_opt() -> None:
+    raw = make().servfail(dc.query("x.example.", "A"))
+    assert isinstance(raw, bytes)
+    assert dc.opts(DNSRecord.parse(raw)) == []
+
+
 def test_servfail_of_unparsable_body_keeps_the_id() -> None:
     raw = make().servfail(dc.header(ident=0x5566) + b"\xff\xff")
     assert isinstance(raw, bytes)
