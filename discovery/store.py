@@ -64,7 +64,10 @@ DIR_MODE = 0o700  # registrations may carry secrets in meta
 BUSY_TIMEOUT = 5.0  # seconds to wait for a lock held by another connection (sqlite3 CLI...)
 RETRY_FIRST = 0.1  # seconds before retrying a failed commit; doubles up to RETRY_MAX
 RETRY_MAX = 5.0
-_FRESH_START = "move it away to start fresh (its registrations are then lost)"
+# With its -wal and -shm files: a new database next to an old WAL would replay it.
+_FRESH_START = (
+    "move it away to start fresh, with its -wal and -shm files (its registrations are then lost)"
+)
 
 _SCHEMA = (
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)",
@@ -322,6 +325,11 @@ def _open_db(path: Path, busy_timeout: float) -> tuple[sqlite3.Connection, int]:
     """Open (creating it if absent) and return the connection and the stored index."""
     if path.exists() or path.is_symlink():
         _check_existing(path)
+    else:
+        for suffix in ("-wal", "-shm"):
+            orphan = path.with_name(path.name + suffix)
+            if orphan.exists():
+                raise StateError(f"{orphan} is there without {path}; move it away to start fresh")
     try:
         conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
     except sqlite3.Error as exc:
@@ -686,16 +694,3 @@ class Store:
         finally:
             self._executor.shutdown()
             os.close(self._lock)
-
-
-__all__ = [
-    "PERSISTED_SOURCES",
-    "Restored",
-    "Store",
-    "StoreStats",
-    "open_store",
-    "parse_alloc",
-    "parse_instance",
-    "render_alloc",
-    "render_instance",
-]

@@ -7,7 +7,8 @@ durable() (in order, and only once a separate connection can read the row);
 failed commits (the waiter gets StateError, the store is unhealthy, the change
 is written by a later retry); and files that must be refused and left
 untouched: garbage, truncated, empty, newer schema, someone else's database,
-a data dir that cannot be created, a data dir in use.
+an old WAL without its database, a data dir that cannot be created, a data
+dir in use.
 """
 
 from __future__ import annotations
@@ -394,6 +395,15 @@ async def test_empty_file_is_refused(tmp_path: Path) -> None:
 async def test_directory_in_place_of_the_database_is_refused(tmp_path: Path) -> None:
     (tmp_path / DB_NAME).mkdir()
     refused(tmp_path, "not a regular file")
+
+
+async def test_wal_without_its_database_is_refused(tmp_path: Path) -> None:
+    """A new database next to an old WAL would replay it: moving only waypost.db away."""
+    wal = tmp_path / f"{DB_NAME}-wal"
+    wal.write_bytes(b"old frames")
+    message = refused(tmp_path, "move it away", names_db=False)
+    assert str(wal) in message
+    assert not (tmp_path / DB_NAME).exists()
 
 
 async def test_newer_schema_is_refused(tmp_path: Path, opened: OpenStore) -> None:
