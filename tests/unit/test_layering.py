@@ -17,6 +17,7 @@ PACKAGES = ("discovery", "netsetup")
 
 # library -> the only modules (paths relative to the repository) allowed to import it
 ADAPTERS: dict[str, set[str]] = {
+    "aiohttp": {"discovery/httpapi.py"},
     "dnslib": {"discovery/dns/codec.py"},
     "hcl2": {"discovery/hclfile.py"},
     "lark": {"discovery/hclfile.py"},  # hcl2's parser: its syntax errors carry the line

@@ -1,0 +1,436 @@
+"""The HTTP API server: aiohttp in front of the endpoint modules' routes.  Adapter.
+
+The only module that imports aiohttp.  :func:`start_http` serves the
+:class:`~discovery.api.Route` tuples of the endpoint modules (Consul, Nomad,
+waypost's own) on the running event loop (AppRunner + TCPSite, shared with DNS)
+and does, for every route, what the endpoint modules must not care about:
+
+- tokens: ``X-Consul-Token``, ``X-Nomad-Token``, ``Authorization: Bearer`` or
+  Consul's ``?token=``, checked with :func:`discovery.acl.allowed` before the
+  body is even read (403, nothing changed).  Tokens never reach a log line:
+  the access log prints the path without its query, and ``token`` is dropped
+  from the query the endpoints see.
+- blocking reads (``?index=N&wait=D``, Consul's semantics): wait (default 5
+  min, at most 10, plus up to wait/16 of jitter) until the index of what the
+  route watches passes N; an index above the registry's is a reset and
+  answers at once.  Every read answers with ``X-Consul-Index`` and
+  ``X-Nomad-Index`` (and the leader headers Consul clients read).
+- one encoding per change: encoded bodies are cached per (route, path, query
+  without index/wait, snapshot index), so 10,000 watchers woken by one
+  change cost one read and one ``json.dumps``.
+- errors as JSON: ``{"error": ..., "field": ...}`` for ApiError (4xx),
+  unknown routes (404), wrong methods (405), bodies over 1 MiB (413); any other
+  exception is logged and answered 500, and the server keeps serving.
+- streams (:class:`StreamRoute`): a handler that writes chunks for as long as
+  it likes (the event stream), cancelled when the server closes.
+
+Counters for metrics are in :class:`HttpStats` (requests by method, route and
+status; the number of blocked requests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import random
+from collections import Counter, OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+from discovery.acl import Access, AclSettings, allowed
+from discovery.api import ApiContext, ApiError, ApiRequest, ApiResponse, Route
+from discovery.blocking import MIN_INDEX, Waiters, watch_index
+from discovery.durations import parse_duration
+from discovery.errors import NotFoundError, ValidationError
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger(f"{__name__}.access")
+
+MAX_BODY = 1 << 20  # bytes; larger request bodies get 413
+DEFAULT_WAIT = 300.0  # seconds; Consul's default for a blocking query
+MAX_WAIT = 600.0  # seconds; Consul's maximum
+JITTER_DIVISOR = 16  # Consul adds up to wait/16 so that watchers do not return in lockstep
+CACHE_ENTRIES = 512  # encoded bodies kept (per route, path, query and index)
+CACHE_BYTES = 64 << 20  # and at most this many bytes of them
+SHUTDOWN_GRACE = 2.0  # seconds for in-flight requests when the server closes
+TOKEN_HEADERS = ("X-Consul-Token", "X-Nomad-Token")
+BLOCKING_PARAMS = frozenset({"index", "wait"})
+UNMATCHED = "<unmatched>"  # the route label of requests no route matched
+# Consul clients (py-consul, consul-template) read these; a single agent is its own leader.
+LEADER_HEADERS = {
+    "X-Consul-KnownLeader": "true",
+    "X-Consul-LastContact": "0",
+    "X-Nomad-KnownLeader": "true",
+    "X-Nomad-LastContact": "0",
+}
+
+Send = Callable[[bytes], Awaitable[None]]
+StreamHandler = Callable[[ApiRequest, Send], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class StreamRoute:
+    """A GET endpoint whose handler sends chunks until it returns (the event stream).
+
+    The handler may raise ApiError before its first chunk (a 4xx as usual);
+    the response starts with the first chunk.  A client that goes away makes
+    `send` raise ConnectionResetError; the handler may let it propagate.
+    """
+
+    path: str
+    handler: StreamHandler
+    access: Access = Access.READ
+    content_type: str = "application/x-ndjson"
+
+
+class HttpStats:
+    """What the metrics endpoint reports about HTTP.  Mutated on the event loop only."""
+
+    def __init__(self) -> None:
+        self.requests: Counter[tuple[str, str, int]] = Counter()  # (method, route, status)
+        self.waiters = Waiters()
+
+    @property
+    def blocked(self) -> int:
+        """Requests waiting in a blocking query right now."""
+        return self.waiters.count
+
+
+@dataclass(frozen=True, slots=True)
+class _Encoded:
+    status: int
+    body: bytes
+    content_type: str
+    headers: tuple[tuple[str, str], ...]
+    index: int
+
+
+class _BodyCache:
+    """Encoded read responses, least recently used first out."""
+
+    def __init__(self) -> None:
+        self._entries: OrderedDict[tuple[object, ...], _Encoded] = OrderedDict()
+        self._bytes = 0
+
+    def get(self, key: tuple[object, ...]) -> _Encoded | None:
+        found = self._entries.get(key)
+        if found is not None:
+            self._entries.move_to_end(key)
+        return found
+
+    def put(self, key: tuple[object, ...], value: _Encoded) -> None:
+        if len(value.body) > CACHE_BYTES // 8:
+            return  # one huge body must not flush everything else
+        self._entries[key] = value
+        self._bytes += len(value.body)
+        while len(self._entries) > CACHE_ENTRIES or self._bytes > CACHE_BYTES:
+            _, dropped = self._entries.popitem(last=False)
+            self._bytes -= len(dropped.body)
+
+
+@dataclass(slots=True)
+class _State:
+    ctx: ApiContext
+    acl: AclSettings
+    stats: HttpStats
+    cache: _BodyCache = dataclasses.field(default_factory=_BodyCache)
+    streams: set[asyncio.Task[Any]] = dataclasses.field(default_factory=set)
+
+
+STATE = web.AppKey("waypost_http", _State)
+
+
+class HttpServer:
+    """A running HTTP API.  `close()` stops it (blocked requests answer first)."""
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int, stats: HttpStats) -> None:
+        self._runner = runner
+        self.host = host
+        self.port = port
+        self.stats = stats
+
+    async def close(self) -> None:
+        await self._runner.cleanup()
+
+
+async def start_http(
+    ctx: ApiContext,
+    routes: Sequence[Route],
+    acl: AclSettings,
+    host: str,
+    port: int,
+    *,
+    streams: Sequence[StreamRoute] = (),
+    stats: HttpStats | None = None,
+) -> HttpServer:
+    """Serve `routes` (and `streams`) on host:port (0: any free port) on the running loop.
+
+    Error handling: an address that cannot be bound raises OSError; nothing stays open.
+    """
+    stats = stats or HttpStats()
+    stats.waiters.attach(ctx.registry)
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[_errors])
+    app[STATE] = _State(ctx, acl, stats)
+    for route in routes:
+        app.router.add_route(route.method, route.path, _route_handler(route))
+    for stream in streams:
+        app.router.add_route("GET", stream.path, _stream_handler(stream))
+    app.on_shutdown.append(_on_shutdown)
+    runner = web.AppRunner(
+        app,
+        access_log_class=_AccessLog,
+        access_log=access_log,
+        handler_cancellation=True,  # a client that hangs up stops its blocking query
+        shutdown_timeout=SHUTDOWN_GRACE,
+    )
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    bound = runner.addresses[0]
+    return HttpServer(runner, str(bound[0]), int(bound[1]), stats)
+
+
+async def _on_shutdown(app: web.Application) -> None:
+    state = app[STATE]
+    state.stats.waiters.close()  # blocked reads answer now with what they have
+    for task in list(state.streams):
+        task.cancel()
+
+
+# -- requests ---------------------------------------------------------------------------
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# ApiRequest.datacenter (the agent's datacenter) is requested from the api.py owner;
+# it is filled in when present.
+_REQUEST_HAS_DATACENTER = "datacenter" in {f.name for f in dataclasses.fields(ApiRequest)}
+
+
+def request_token(request: web.BaseRequest) -> str | None:
+    """The ACL token of a request: Consul's and Nomad's headers, a bearer token, `?token=`."""
+    for header in TOKEN_HEADERS:
+        value = request.headers.get(header, "").strip()
+        if value:
+            return value
+    scheme, _, credentials = request.headers.get("Authorization", "").strip().partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    return request.query.get("token") or None
+
+
+def _authorize(request: web.Request, access: Access, acl: AclSettings) -> None:
+    if not allowed(acl, request_token(request), access):
+        raise ApiError(403, "Permission denied")
+
+
+def _api_request(request: web.Request, body: bytes, ctx: ApiContext) -> ApiRequest:
+    query = {k: tuple(request.query.getall(k)) for k in set(request.query) if k != "token"}
+    fields: dict[str, Any] = {
+        "method": request.method,
+        "path": request.path,
+        "params": dict(request.match_info),
+        "query": query,
+        "body": body,
+    }
+    if _REQUEST_HAS_DATACENTER:
+        fields["datacenter"] = ctx.datacenter
+    return ApiRequest(**fields)
+
+
+def _route_handler(route: Route) -> Handler:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        state = request.app[STATE]
+        _authorize(request, route.access, state.acl)
+        body = await request.read() if request.body_exists else b""
+        req = _api_request(request, body, state.ctx)
+        if route.write is not None:
+            written = await route.write(req, state.ctx)
+            return _respond(_encode(written, written.index))
+        return _respond(await _read(state, route, req))
+
+    return handle
+
+
+async def _read(state: _State, route: Route, req: ApiRequest) -> _Encoded:
+    """Run a read, blocking first when asked to; the encoding is cached per snapshot index."""
+    assert route.read is not None
+    snap = state.ctx.registry.snapshot
+    if route.watch is None:
+        index = max(MIN_INDEX, snap.index)
+    else:
+        keys = tuple(route.watch(req))
+        blocking = parse_blocking(req)
+        if blocking is not None:
+            wanted, wait = blocking
+            # An index above the registry's own is a reset (a restart): answer at once.
+            if wanted <= max(MIN_INDEX, snap.index) and watch_index(snap, keys) <= wanted:
+                jitter = random.uniform(0, wait / JITTER_DIVISOR)
+                snap = await state.stats.waiters.wait(keys, wanted, wait + jitter)
+        index = watch_index(snap, keys)
+    query = tuple(sorted((k, tuple(v)) for k, v in req.query.items() if k not in BLOCKING_PARAMS))
+    key = (route.method, route.path, req.path, query, snap.index)
+    encoded = state.cache.get(key)
+    if encoded is None:
+        response = route.read(req, snap)
+        encoded = _encode(response, index, pretty="pretty" in req.query)
+        state.cache.put(key, encoded)
+    return encoded
+
+
+def parse_blocking(req: ApiRequest) -> tuple[int, float] | None:
+    """`?index=N&wait=D` as (N, seconds); None without `index`.  ApiError 400 when invalid."""
+    raw = req.arg("index")
+    if raw is None:
+        return None
+    if not (raw.isascii() and raw.isdigit()):
+        raise ApiError(400, f"index: {raw!r} is not a non-negative integer", "index")
+    wait_arg = req.arg("wait")
+    try:
+        wait = parse_duration(wait_arg, "wait") if wait_arg else 0.0
+    except ValidationError as err:
+        raise ApiError.invalid(err) from None
+    if wait <= 0:
+        wait = DEFAULT_WAIT  # Consul: no (or a zero) wait means the default
+    return int(raw), min(wait, MAX_WAIT)
+
+
+def _encode(response: ApiResponse, index: int | None, *, pretty: bool = False) -> _Encoded:
+    body = response.body
+    if body is None:
+        data = b""
+    elif isinstance(body, str) and response.content_type.startswith("text/"):
+        data = body.encode()
+    else:
+        text = json.dumps(
+            body, indent=4 if pretty else None, separators=None if pretty else (",", ":")
+        )
+        data = text.encode()
+    headers = tuple(response.headers.items())
+    final = response.index if response.index is not None else index
+    return _Encoded(response.status, data, response.content_type, headers, final or 0)
+
+
+def _respond(encoded: _Encoded) -> web.Response:
+    headers = dict(LEADER_HEADERS)
+    if encoded.index:
+        headers["X-Consul-Index"] = headers["X-Nomad-Index"] = str(encoded.index)
+    headers.update(encoded.headers)
+    response = web.Response(body=encoded.body, status=encoded.status, headers=headers)
+    if encoded.body:
+        response.content_type, _, charset = encoded.content_type.partition("; charset=")
+        if charset:
+            response.charset = charset
+    return response
+
+
+# -- streams ----------------------------------------------------------------------------
+
+
+def _stream_handler(route: StreamRoute) -> Handler:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        state = request.app[STATE]
+        _authorize(request, route.access, state.acl)
+        req = _api_request(request, b"", state.ctx)
+        response = web.StreamResponse(headers=LEADER_HEADERS)
+        response.content_type = route.content_type
+
+        async def send(chunk: bytes) -> None:
+            if not response.prepared:
+                await response.prepare(request)
+            await response.write(chunk)
+
+        task = asyncio.current_task()
+        assert task is not None
+        state.streams.add(task)
+        try:
+            await route.handler(req, send)
+        except ConnectionResetError:
+            log.debug("%s: client went away", request.path)
+            return response
+        except ApiError:
+            if not response.prepared:
+                raise
+            log.warning("%s: stream ended with an error after it started", request.path)
+        finally:
+            state.streams.discard(task)
+        if not response.prepared:
+            await response.prepare(request)
+        await response.write_eof()
+        return response
+
+    return handle
+
+
+# -- errors, counters, access log ---------------------------------------------------------
+
+
+def _error_response(status: int, message: str, field: str = "") -> web.Response:
+    body: dict[str, str] = {"error": message}
+    if field:
+        body["field"] = field
+    return web.json_response(body, status=status, headers=LEADER_HEADERS)
+
+
+def _route_label(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else UNMATCHED
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure as a JSON error; every request counted by route and status."""
+    try:
+        response = await handler(request)
+    except ApiError as err:
+        response = _error_response(err.status, err.message, err.field)
+    except ValidationError as err:
+        invalid = ApiError.invalid(err)
+        response = _error_response(invalid.status, invalid.message, invalid.field)
+    except NotFoundError as err:
+        response = _error_response(404, str(err))
+    except web.HTTPException as exc:
+        response = _http_error(request, exc)
+    except Exception:
+        # The query is left out: it may carry ?token=.
+        log.exception("%s %s failed", request.method, request.path)
+        response = _error_response(500, "internal error; see the agent's log")
+    request.app[STATE].stats.requests[request.method, _route_label(request), response.status] += 1
+    return response
+
+
+def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
+    """aiohttp's own errors (no route, wrong method, body too large) in our JSON shape."""
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        allow = ", ".join(sorted(exc.allowed_methods))
+        response = _error_response(
+            405, f"method {exc.method} not allowed on {request.path} (allowed: {allow})"
+        )
+        response.headers["Allow"] = exc.headers["Allow"]
+        return response
+    if isinstance(exc, web.HTTPNotFound):
+        return _error_response(404, f"no such endpoint: {request.method} {request.path}")
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return _error_response(413, f"body: larger than {MAX_BODY} bytes", "body")
+    return _error_response(exc.status, exc.reason)
+
+
+class _AccessLog(AbstractAccessLogger):
+    """One debug line per request: method, path (never the query: it may hold a token)."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.debug(
+            "%s %s %d %.1fms", request.method, request.path, response.status, time * 1000
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.DEBUG)
