@@ -5,10 +5,11 @@ It takes the agent's arguments (`agent --dev --dns-addr 127.0.0.1:0
 --data-dir DIR --config FILE.json`), loads the JSON config's `service` list
 into a Registry, serves DNS with waypost's own Responder and server, logs
 `waypost: dns listening on 127.0.0.1:PORT (udp+tcp)` to stderr as the agent
-does, and runs until SIGTERM or SIGINT.
+does, and runs until SIGTERM or SIGINT.  Like the agent it runs on uvloop
+(`--asyncio` for the plain loop: roughly 20-25% fewer answers per CPU second).
 
     .venv/bin/python -m tests.bench.dns_inproc agent --dev --dns-addr 127.0.0.1:0 \\
-        --data-dir /tmp/x --config bench.json [--uvloop]
+        --data-dir /tmp/x --config bench.json [--asyncio]
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--dns-addr", default="127.0.0.1:0")
     parser.add_argument("--data-dir", default="")  # accepted for CLI parity; unused
     parser.add_argument("--config", required=True)
-    parser.add_argument("--uvloop", action="store_true", help="run on uvloop")
+    parser.add_argument(
+        "--asyncio", action="store_true", help="plain asyncio loop (default: uvloop, as the agent)"
+    )
     return parser.parse_args(argv)
 
 
@@ -90,12 +93,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     with open(args.config, encoding="utf-8") as f:
         doc = json.load(f)
-    if args.uvloop:
+    if args.asyncio:
+        asyncio.run(serve(args, doc))
+    else:
         import uvloop
 
         uvloop.run(serve(args, doc))
-    else:
-        asyncio.run(serve(args, doc))
 
 
 if __name__ == "__main__":

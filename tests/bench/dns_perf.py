@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 CLIENT_CORE = 1
+REALTIME_PRIORITY = 10  # chrt -f priority when a run is real-time
 # Found by trying -c 1..8, -q 100..2000 against Knot, dnsmasq and waypost on this
 # host (see README): one socket and 100 queries outstanding saturate every server
 # as well as any other setting, and lose no queries at the end of the run.
@@ -103,12 +104,14 @@ def run_dnsperf(
     duration: float,
     rate: int | None = None,
     verbose: bool = False,
+    realtime: bool = False,
     clients: int = MAX_CLIENTS,
     outstanding: int = MAX_OUTSTANDING,
 ) -> PerfResult:
     """One dnsperf run against 127.0.0.1:port over UDP, pinned to CLIENT_CORE.
 
-    `rate` (queries/s) makes it a paced run (-Q); `verbose` records per-query latency.
+    `rate` (queries/s) makes it a paced run (-Q); `verbose` records per-query latency;
+    `realtime` runs dnsperf as SCHED_FIFO (chrt) so other processes do not preempt it.
     """
     command = [
         "taskset",
@@ -134,6 +137,8 @@ def run_dnsperf(
         "-t",
         f"{QUERY_TIMEOUT:g}",
     ]
+    if realtime:
+        command[:0] = ["chrt", "-f", str(REALTIME_PRIORITY)]
     if rate is not None:
         command += ["-Q", str(rate)]
     if verbose:

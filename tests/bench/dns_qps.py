@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,11 @@ from tests.bench.dns_servers import (
 )
 
 KINDS = ("knot", "dnsmasq", "waypost")
+REALTIME_SCOPE = {
+    "off": "nothing",
+    "paced": "paced runs and change timing",
+    "all": "every measured run",
+}
 WARMUP = 1.0  # seconds of full-speed load before each measured run
 CHANGE_TIMEOUT = 300.0  # seconds for the in-process change measurement
 
@@ -79,6 +84,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default="auto",
         help="the agent CLI (python -m discovery agent), the in-process fallback "
         "(tests/bench/dns_inproc.py), or auto: the CLI when discovery.cli exists",
+    )
+    parser.add_argument(
+        "--realtime",
+        choices=["off", "paced", "all"],
+        default="paced",
+        help="which runs make the server and dnsperf SCHED_FIFO (default: the paced "
+        "latency runs and the change timing; 'all' also the full-speed runs, which "
+        "starves other processes on both cores while they last)",
     )
     parser.add_argument("--changes", type=int, default=50, help="registry changes to time")
     parser.add_argument("--json", default="", help="also write the raw results to this file")
@@ -105,13 +118,42 @@ def _starter(kind: str, inproc: bool) -> Callable[[Sequence[dns_data.BenchInstan
     return lambda instances: start_waypost(instances, inproc=inproc)
 
 
-def run_round(server: Server, queryfile: str, duration: float) -> Round:
-    """Warm up, then the full-speed run (with the server's CPU use) and the paced run."""
+@contextlib.contextmanager
+def _realtime(server: Server, on: bool) -> Iterator[None]:
+    """The server's threads SCHED_FIFO for the block (when `on`), then back to normal."""
+    if not on:
+        yield
+        return
+    server.set_realtime(True)
+    try:
+        yield
+    finally:
+        if server.alive():
+            server.set_realtime(False)
+
+
+def run_round(server: Server, queryfile: str, duration: float, realtime: str) -> Round:
+    """Warm up, then the full-speed run (with the server's CPU use) and the paced run.
+
+    `realtime` ("off", "paced", "all") says which runs put the server and
+    dnsperf in SCHED_FIFO, so other processes on a shared host cannot preempt them.
+    """
     run_dnsperf(server.port, queryfile, duration=WARMUP)
-    cpu_before, wall_before = server.cpu_seconds(), time.monotonic()
-    peak = run_dnsperf(server.port, queryfile, duration=duration)
-    cpu_share = (server.cpu_seconds() - cpu_before) / (time.monotonic() - wall_before)
-    paced = run_dnsperf(server.port, queryfile, duration=duration, rate=PACED_RATE, verbose=True)
+    peak_rt = realtime == "all"
+    with _realtime(server, peak_rt):
+        cpu_before, wall_before = server.cpu_seconds(), time.monotonic()
+        peak = run_dnsperf(server.port, queryfile, duration=duration, realtime=peak_rt)
+        cpu_share = (server.cpu_seconds() - cpu_before) / (time.monotonic() - wall_before)
+    paced_rt = realtime != "off"
+    with _realtime(server, paced_rt):
+        paced = run_dnsperf(
+            server.port,
+            queryfile,
+            duration=duration,
+            rate=PACED_RATE,
+            verbose=True,
+            realtime=paced_rt,
+        )
     return Round(peak, cpu_share, paced)
 
 
@@ -162,7 +204,9 @@ def run_size(size: int, args: argparse.Namespace, report: Report, workdir: Path)
             for kind, server in servers.items():
                 _progress(f"N={size}: round {n + 1}/{args.rounds} {kind}")
                 try:
-                    rounds[kind].append(run_round(server, str(queryfile), args.duration))
+                    rounds[kind].append(
+                        run_round(server, str(queryfile), args.duration, args.realtime)
+                    )
                 except Exception as exc:
                     report.errors.append(f"N={size} {kind}: {type(exc).__name__}: {exc}")
         for kind, done in rounds.items():
@@ -171,10 +215,12 @@ def run_size(size: int, args: argparse.Namespace, report: Report, workdir: Path)
                 report.measurements.append(plan_measurement(kind, size, done, rss))
 
 
-def run_change(services: int, changes: int) -> dict[str, Any]:
+def run_change(services: int, changes: int, realtime: bool) -> dict[str, Any]:
     """The in-process registry-change measurement, as a child pinned to the server core."""
     command = ["taskset", "-c", str(SERVER_CORE), sys.executable, "-m", "tests.bench.dns_change"]
     command += ["--services", str(services), "--changes", str(changes)]
+    if realtime:
+        command.append("--realtime")
     done = subprocess.run(
         command, capture_output=True, text=True, timeout=CHANGE_TIMEOUT, check=False, cwd=REPO
     )
@@ -205,6 +251,7 @@ def render_header(args: argparse.Namespace, argv: Sequence[str]) -> str:
         f"command: .venv/bin/python -m tests.bench.dns_qps {shlex.join(argv)}\n"
         f"N = {','.join(map(str, args.size_list))} services x {dns_data.INSTANCES_PER_SERVICE} "
         f"instances; {args.rounds} round(s) of {args.duration:g} s runs; "
+        f"SCHED_FIFO for: {REALTIME_SCOPE[args.realtime]}; "
         f"waypost via {'the agent CLI' if args.waypost == 'cli' else 'tests/bench/dns_inproc.py'}"
     )
 
@@ -248,7 +295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "waypost" in args.server_list and args.changes > 0:
         _progress(f"registry change x{args.changes}")
         try:
-            report.change = run_change(max(args.size_list), args.changes)
+            realtime = args.realtime != "off"
+            report.change = run_change(max(args.size_list), args.changes, realtime)
         except Exception as exc:
             report.errors.append(f"registry change: {type(exc).__name__}: {exc}")
     print()

@@ -62,6 +62,12 @@ class Measurement:
     def qps(self) -> float:
         return self.best_peak.peak.qps
 
+    @property
+    def qps_per_cpu(self) -> float:
+        """Answers per second of server CPU: what one fully busy core would do, roughly."""
+        share = self.best_peak.cpu_share
+        return self.qps / share if share > 0 else math.nan
+
     def latency(self, pct: float) -> float:
         return percentile(paced_latencies(self.best_paced.paced), pct)
 
@@ -107,13 +113,14 @@ ROW_NAMES = (
     "QPS, max UDP (best)",
     "QPS, all rounds (k)",
     "server CPU, best run",
+    "QPS per server CPU-s",
     f"p50 ms @{PACED_RATE} QPS",
     f"p99 ms @{PACED_RATE} QPS",
     "p99 ms, all rounds",
     "lost, max/paced",
     "RSS MiB, after runs",
 )
-QPS_ROW, P99_ROW = 0, 4
+QPS_ROW, PER_CPU_ROW, P99_ROW = 0, 3, 5
 
 
 def _column(m: Measurement | None) -> list[str]:
@@ -125,6 +132,7 @@ def _column(m: Measurement | None) -> list[str]:
         f"{m.qps:,.0f}",
         all_qps,
         f"{m.best_peak.cpu_share * 100:.0f}%",
+        f"{m.qps_per_cpu:,.0f}",
         render_ms(m.latency(50)),
         render_ms(m.latency(99)),
         all_p99,
@@ -144,6 +152,8 @@ def render_table(report: Report, sizes: Sequence[int], kinds: Sequence[str]) -> 
             ratios = ["", ""]
             if i == QPS_ROW:
                 ratios = [_ratio(_qps(wp), _qps(kn)), _ratio(_qps(wp), _qps(dm))]
+            elif i == PER_CPU_ROW:
+                ratios = [_ratio(_per_cpu(wp), _per_cpu(kn)), _ratio(_per_cpu(wp), _per_cpu(dm))]
             elif i == P99_ROW:
                 ratios = [_ratio(_p99(wp), _p99(kn)), _ratio(_p99(wp), _p99(dm))]
             lines.append([str(size) if i == 0 else "", row, *(cols[k][i] for k in kinds), *ratios])
@@ -160,6 +170,10 @@ def render_table(report: Report, sizes: Sequence[int], kinds: Sequence[str]) -> 
 
 def _qps(m: Measurement | None) -> float | None:
     return m.qps if m is not None else None
+
+
+def _per_cpu(m: Measurement | None) -> float | None:
+    return m.qps_per_cpu if m is not None else None
 
 
 def _p99(m: Measurement | None) -> float | None:
@@ -272,14 +286,19 @@ How measured (tool per figure):
   (rounds interleave the servers; all rounds are listed, in thousands).
   "server CPU" = server CPU time / wall time in that run (/proc/<pid>/stat): near 100% means
   the server was the bottleneck, lower means the load generator or the host was.
+  "QPS per server CPU-s" = QPS / server CPU: a rough one-core capacity when the server
+  was not saturated (dnsperf on one core cannot saturate Knot; servers that batch get
+  more efficient under more load, so this underestimates them).
 - p50/p99: dnsperf `-Q {PACED_RATE} -v`; nearest-rank percentiles of dnsperf's own per-query
   latencies (dnsperf 2.10 prints no percentiles); lost queries count as infinite.
-  The round with the lowest p99 is shown; all rounds are listed.
+  The round with the lowest p99 is shown; all rounds are listed. By default (--realtime
+  paced) the server's threads and dnsperf run SCHED_FIFO during paced runs, so other
+  processes on a shared host cannot preempt them and add their time slices to the tail.
 - lost: dnsperf "Queries lost" (no answer within 2 s, including those in flight at the end).
 - rcodes under load: dnsperf's response-code counts of the best full-speed run.
 - registry change: tests/bench/dns_change.py in one process on core {SERVER_CORE}:
   Registry.upsert, then UDP queries from the same event loop until a reply holds the new
-  address; time from before the upsert to that reply.
+  address; time from before the upsert to that reply (SCHED_FIFO unless --realtime off).
 - sample answers: dnspython over UDP without EDNS; answer and additional record sets
   compared with Knot's (order and TTL ignored); order variation over 20 identical queries.
 - RSS: VmRSS from /proc/<pid>/status after the server's last run."""

@@ -13,6 +13,7 @@ process and temp dir are cleaned up before raising.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -32,6 +33,7 @@ import dns.query
 import dns.rdatatype
 
 from tests.bench import dns_data
+from tests.bench.dns_perf import REALTIME_PRIORITY
 
 REPO = Path(__file__).resolve().parents[2]  # `python -m tests.bench...` needs it as cwd
 SERVER_CORE = 0
@@ -87,6 +89,10 @@ class Server:
                 return int(line.split()[1])
         raise ServerError(self.name, self.command, "no VmRSS in /proc status", "")
 
+    def set_realtime(self, on: bool) -> None:
+        """Every thread of the server to SCHED_FIFO (REALTIME_PRIORITY), or back to SCHED_OTHER."""
+        set_realtime(self.pid, on)
+
     def close(self) -> None:
         """End the process by pid (SIGTERM, then SIGKILL) and remove the temp dir."""
         if self.closed:
@@ -102,6 +108,20 @@ class Server:
                     self.proc.wait(STOP_TIMEOUT)
         finally:
             shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def set_realtime(pid: int, on: bool) -> None:
+    """SCHED_FIFO (on) or SCHED_OTHER for every thread of process `pid`.
+
+    On a shared host, other processes preempting the server or dnsperf add
+    milliseconds to the latency tail; a real-time class keeps them off while it
+    runs.  The kernel's RT throttling (sched_rt_runtime_us) still leaves 5% to others.
+    """
+    policy = os.SCHED_FIFO if on else os.SCHED_OTHER
+    param = os.sched_param(REALTIME_PRIORITY if on else 0)
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(ProcessLookupError):  # a thread that just ended
+            os.sched_setscheduler(int(task.name), policy, param)
 
 
 def free_port() -> int:
