@@ -21,6 +21,7 @@ ADAPTERS: dict[str, set[str]] = {
     "dnslib": {"discovery/dns/codec.py"},
     "hcl2": {"discovery/hclfile.py"},
     "lark": {"discovery/hclfile.py"},  # hcl2's parser: its syntax errors carry the line
+    "prometheus_client": {"discovery/metrics.py"},
     "regex": {"discovery/filter.py"},  # `matches` in filters: a regex search with a timeout
     "sqlite3": {"discovery/store.py"},
 }
