@@ -488,6 +488,8 @@ class CheckRunner:
                 tracked.checks[check_id] = self._start_check(inst.id, check)
             else:
                 running.check = check  # same definition; name, notes or reaping may differ
+                if (check.status, check.output) != (running.status, running.output):
+                    running.written = float("-inf")  # rewritten by someone: next result goes in
                 self._observe(running, check.status, check.output)
         if not tracked.checks:
             self._untrack(inst.id)

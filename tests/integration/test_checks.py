@@ -524,6 +524,26 @@ async def test_http_check_in_the_registry(
     await eventually(lambda: target.hits >= 5, "probes every interval")
 
 
+async def test_output_only_changes_are_written_at_most_every_refresh(
+    registry: Registry, target: Target
+) -> None:
+    runner = CheckRunner(registry, stagger=0.01, output_refresh=1.0)
+    runner.start()
+    try:
+        registry.upsert(instance("web-1", http_check(target.url)))
+        await eventually(lambda: state(registry).output.endswith("Output: ok"), "first output")
+        index, hits = registry.snapshot.index, target.hits
+        target.body = "changed"
+        await asyncio.sleep(0.3)
+        assert target.hits > hits  # probed, same status: nothing published yet
+        assert registry.snapshot.index == index
+        await eventually(lambda: state(registry).output.endswith("Output: changed"), "refresh")
+        target.status = 500  # a status change goes in at once, with its output
+        await eventually(lambda: state(registry).status is Health.CRITICAL, "critical", 1.0)
+    finally:
+        await runner.close()
+
+
 async def test_http_timeout_is_critical(make_raw: MakeRaw) -> None:
     silent = await make_raw(None)  # accepts, reads, never answers
     loop = asyncio.get_running_loop()
@@ -766,6 +786,18 @@ async def test_reregistering_the_same_check_keeps_it_running(
     registry.upsert(instance("web-1", http_check(target.url, interval=2.0), tags=("v2",)))
     await asyncio.sleep(0.2)
     assert target.hits == 1
+
+
+async def test_a_rewritten_output_is_restored_by_the_next_probe(
+    registry: Registry, runner: CheckRunner, target: Target
+) -> None:
+    registry.upsert(instance("web-1", http_check(target.url)))
+    await eventually(lambda: state(registry).output.endswith("Output: ok"), "first output")
+    # Re-registered by its owner, same definition and status, output lost: no
+    # OUTPUT_REFRESH wait for the probe's output to be back.
+    registry.upsert(instance("web-1", http_check(target.url, status="passing")))
+    assert state(registry).output == ""
+    await eventually(lambda: state(registry).output.endswith("Output: ok"), "output back")
 
 
 async def test_removing_an_instance_stops_its_checks(
