@@ -1,12 +1,15 @@
 """Tests of Nomad's service endpoints (discovery.api_nomad): shapes, filter, choose, delete.
 
-The handlers are called with ApiRequest objects on a real Registry (and, for
-DELETE, a real Store in a temporary data dir), so every shape, status and
-error is checked here without HTTP.
+First the handlers, called with ApiRequest objects on a real Registry (and,
+for DELETE, a real Store in a temporary data dir): every shape, status and
+error.  Then the same routes over HTTP on a real server
+(tests/integration/http_fixtures.py) with aiohttp: headers, JSON errors,
+blocking reads, durability before the answer, tokens.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import hashlib
 import random
@@ -14,8 +17,10 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
+from discovery.acl import AclSettings
 from discovery.api import ApiContext, ApiError, ApiRequest, ApiResponse
 from discovery.api_nomad import (
     FIELDS,
@@ -31,6 +36,7 @@ from discovery.errors import ValidationError
 from discovery.model import Health, Instance, Node, make_instance
 from discovery.registry import Registry
 from discovery.store import Store, open_store
+from tests.integration.http_fixtures import RunningApi, running_api
 
 NODE = Node("node1", "127.0.0.1")
 
@@ -313,3 +319,112 @@ def test_routes() -> None:
     watch = table["GET", "/v1/service/{name}"].watch
     assert watch is not None and list(watch(request(params={"name": "Web"}))) == ["web"]
     assert table["DELETE", "/v1/service/{name}/{id}"].write is delete_service
+
+
+# -- over HTTP: a real server (tests/integration/http_fixtures.py) -------------------------------
+
+SECRET = "nomad-write-token"
+DEADLINE = 5.0  # seconds for anything on loopback
+
+
+@pytest.fixture
+async def nomad_api(registry: Registry) -> AsyncIterator[RunningApi]:
+    instances = list(registry.snapshot.instances.values())
+    async with running_api(instances=instances, routes=ROUTES) as api:
+        yield api
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=DEADLINE)) as session:
+        yield session
+
+
+async def test_http_service_list_and_registrations(
+    nomad_api: RunningApi, http: aiohttp.ClientSession
+) -> None:
+    async with http.get(f"{nomad_api.url}/v1/services") as resp:
+        assert resp.status == 200
+        assert resp.headers["X-Nomad-Index"] == resp.headers["X-Consul-Index"]
+        assert int(resp.headers["X-Nomad-Index"]) == nomad_api.registry.snapshot.index
+        body = await resp.json()
+    assert [s["ServiceName"] for s in body[0]["Services"]] == ["api", "web"]
+    params = {"filter": 'Tags contains "v1" and Health != critical', "choose": "1|alloc-7"}
+    async with http.get(f"{nomad_api.url}/v1/service/web", params=params) as resp:
+        assert resp.status == 200
+        chosen = await resp.json()
+    assert len(chosen) == 1 and chosen[0]["ID"] in ("web-1", "web-3")
+    async with http.get(f"{nomad_api.url}/v1/service/web", params=params) as resp:
+        assert await resp.json() == chosen  # stable for the key
+
+
+async def test_http_errors_are_json_naming_the_field(
+    nomad_api: RunningApi, http: aiohttp.ClientSession
+) -> None:
+    url = f"{nomad_api.url}/v1/service/web"
+    async with http.get(url, params={"filter": "Tags contains"}) as resp:
+        assert resp.status == 400
+        assert await resp.json() == {
+            "error": "filter: expected a value, found end of filter at position 14",
+            "field": "filter",
+        }
+    async with http.get(url, params={"choose": "many|k"}) as resp:
+        assert resp.status == 400
+        assert (await resp.json())["field"] == "choose"
+    async with http.post(f"{nomad_api.url}/v1/services") as resp:
+        assert resp.status == 405
+    async with http.delete(f"{url}/nope") as resp:
+        assert resp.status == 404
+        assert (await resp.json())["field"] == "id"
+
+
+async def test_http_blocking_read_wakes_on_its_service_only(
+    nomad_api: RunningApi, http: aiohttp.ClientSession
+) -> None:
+    url = f"{nomad_api.url}/v1/service/web"
+    async with http.get(url) as resp:
+        index = int(resp.headers["X-Nomad-Index"])
+    waiting = asyncio.ensure_future(http.get(url, params={"index": str(index), "wait": "5s"}))
+    await asyncio.sleep(0.1)
+    nomad_api.registry.upsert(inst("api-2", "api"))  # another service: keeps waiting
+    await asyncio.sleep(0.1)
+    assert not waiting.done()
+    nomad_api.registry.upsert(inst("web-4", port=8004))
+    resp = await asyncio.wait_for(waiting, DEADLINE)
+    try:
+        assert resp.status == 200
+        assert int(resp.headers["X-Nomad-Index"]) > index
+        assert "web-4" in [r["ID"] for r in await resp.json()]
+    finally:
+        resp.release()
+
+
+async def test_http_delete_is_durable_and_then_gone(
+    nomad_api: RunningApi, http: aiohttp.ClientSession
+) -> None:
+    url = f"{nomad_api.url}/v1/service/web/web-2"
+    async with http.delete(url) as resp:
+        assert resp.status == 200
+        index = int(resp.headers["X-Nomad-Index"])
+        assert await resp.read() == b""
+    assert index in nomad_api.store.waited  # answered after durable(index)
+    assert "web-2" not in nomad_api.registry.snapshot.instances
+    async with http.delete(url) as resp:
+        assert resp.status == 404
+
+
+async def test_http_delete_needs_a_write_token(
+    registry: Registry, http: aiohttp.ClientSession
+) -> None:
+    acl = AclSettings(enabled=True, default_policy="read", tokens={SECRET: "write"})
+    instances = list(registry.snapshot.instances.values())
+    async with running_api(instances=instances, routes=ROUTES, acl=acl) as api:
+        url = f"{api.url}/v1/service/web/web-1"
+        async with http.get(f"{api.url}/v1/service/web") as resp:
+            assert resp.status == 200  # reading needs no token with default_policy=read
+        async with http.delete(url, headers={"X-Nomad-Token": "wrong-token"}) as resp:
+            assert resp.status == 403
+        assert "web-1" in api.registry.snapshot.instances
+        async with http.delete(url, headers={"X-Nomad-Token": SECRET}) as resp:
+            assert resp.status == 200
+        assert "web-1" not in api.registry.snapshot.instances
