@@ -45,12 +45,18 @@ class Waiters:
         self._registry: Registry | None = None
         self._unsubscribe: Callable[[], None] | None = None
         self._count = 0
+        self._woken = 0
         self._closed = False
 
     @property
     def count(self) -> int:
         """How many requests are blocked right now (a metrics gauge)."""
         return self._count
+
+    @property
+    def woken(self) -> int:
+        """How many waits registry changes have woken so far (each wake-up costs a read)."""
+        return self._woken
 
     def attach(self, registry: Registry) -> None:
         """Watch `registry`: its changes wake the waiters of the changed keys."""
@@ -113,6 +119,7 @@ class Waiters:
         for key in (*keys, WATCH_ALL):
             futures = self._by_key.pop(key, None)
             if futures:
+                self._woken += len(futures)
                 _wake(futures)
 
 

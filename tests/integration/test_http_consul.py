@@ -629,8 +629,10 @@ async def test_many_waiters_woken_by_their_change_only(client: Client) -> None:
         watchers = [asyncio.create_task(watching.get(path)) for _ in range(200)]
         try:
             await until(lambda: stats.blocked == 200)
+            woken = stats.waiters.woken
             await client.register({"Name": "db"})  # another service: wakes none of them
             await asyncio.sleep(0.2)
+            assert stats.waiters.woken == woken
             assert stats.blocked == 200 and not any(w.done() for w in watchers)
             await client.register({"Name": "web", "Port": 81})
             async with asyncio.timeout(DEADLINE):
@@ -642,7 +644,7 @@ async def test_many_waiters_woken_by_their_change_only(client: Client) -> None:
     indexes = {int(headers["X-Consul-Index"]) for _, headers, _ in answers}
     assert indexes == {client.api.registry.snapshot.index}
     assert {entries[0]["Service"]["Port"] for _, _, entries in answers} == {81}
-    assert stats.blocked == 0
+    assert stats.blocked == 0 and stats.waiters.woken == woken + 200
 
 
 async def test_index_ahead_of_the_registry_is_a_reset(client: Client) -> None:
