@@ -15,9 +15,10 @@ and does, for every route, what the endpoint modules must not care about:
   route watches passes N; an index above the registry's is a reset and
   answers at once.  Every read answers with ``X-Consul-Index`` and
   ``X-Nomad-Index`` (and the leader headers Consul clients read).
-- one encoding per change: encoded bodies are cached per (route, path, query
-  without index/wait, snapshot index), so 10,000 watchers woken by one
-  change cost one read and one ``json.dumps``.
+- one encoding per change: the bodies of watched reads (those with watch
+  keys, functions of the snapshot and the query only) are cached per (route,
+  path, query without index/wait, snapshot index), so 10,000 watchers woken
+  by one change cost one read and one ``json.dumps``.
 - errors as JSON: ``{"error": ..., "field": ...}`` for ApiError (4xx),
   unknown routes (404), wrong methods (405), bodies over 1 MiB (413); any other
   exception is logged and answered 500, and the server keeps serving.
@@ -261,27 +262,31 @@ def _route_handler(route: Route) -> Handler:
 
 
 async def _read(state: _State, route: Route, req: ApiRequest) -> _Encoded:
-    """Run a read, blocking first when asked to; the encoding is cached per snapshot index."""
+    """Run a read, blocking first when asked to.
+
+    Only reads with watch keys are pure functions of the snapshot (and the
+    query); their encodings are cached per snapshot index.  The others (health
+    of the agent, metrics) may read more than the registry and run every time.
+    """
     assert route.read is not None
     snap = state.ctx.registry.snapshot
     if route.watch is None:
         index = max(MIN_INDEX, snap.index)
-    else:
-        keys = tuple(route.watch(req))
-        blocking = parse_blocking(req)
-        if blocking is not None:
-            wanted, wait = blocking
-            # An index above the registry's own is a reset (a restart): answer at once.
-            if wanted <= max(MIN_INDEX, snap.index) and watch_index(snap, keys) <= wanted:
-                jitter = random.uniform(0, wait / JITTER_DIVISOR)
-                snap = await state.stats.waiters.wait(keys, wanted, wait + jitter)
-        index = watch_index(snap, keys)
+        return _encode(route.read(req, snap), index, pretty="pretty" in req.query)
+    keys = tuple(route.watch(req))
+    blocking = parse_blocking(req)
+    if blocking is not None:
+        wanted, wait = blocking
+        # An index above the registry's own is a reset (a restart): answer at once.
+        if wanted <= max(MIN_INDEX, snap.index) and watch_index(snap, keys) <= wanted:
+            jitter = random.uniform(0, wait / JITTER_DIVISOR)
+            snap = await state.stats.waiters.wait(keys, wanted, wait + jitter)
     query = tuple(sorted((k, tuple(v)) for k, v in req.query.items() if k not in BLOCKING_PARAMS))
     key = (route.method, route.path, req.path, query, snap.index)
     encoded = state.cache.get(key)
     if encoded is None:
         response = route.read(req, snap)
-        encoded = _encode(response, index, pretty="pretty" in req.query)
+        encoded = _encode(response, watch_index(snap, keys), pretty="pretty" in req.query)
         state.cache.put(key, encoded)
     return encoded
 

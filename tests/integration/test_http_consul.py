@@ -717,7 +717,9 @@ async def test_reads_are_encoded_once_per_index() -> None:
         return ApiResponse({"n": len(snap.instances), "q": sorted(req.query)})
 
     route = Route("GET", "/v1/counted", Access.READ, read=counted, watch=lambda _: ("*",))
-    async with running_api(routes=(*api_consul.ROUTES, route)) as api, aiohttp.ClientSession() as s:
+    unwatched = Route("GET", "/v1/live", Access.READ, read=counted)  # may read more than snap
+    routes = (*api_consul.ROUTES, route, unwatched)
+    async with running_api(routes=routes) as api, aiohttp.ClientSession() as s:
         client = Client(api, s)
         for _ in range(5):
             assert (await client.get("/v1/counted?index=0"))[2] == {"n": 0, "q": ["index"]}
@@ -727,6 +729,9 @@ async def test_reads_are_encoded_once_per_index() -> None:
         await client.register({"Name": "web"})
         assert (await client.get("/v1/counted"))[2]["n"] == 1
         assert len(calls) == 3
+        for _ in range(3):
+            await client.get("/v1/live")
+        assert len(calls) == 6  # reads without watch keys are not cached
 
 
 # -- tokens -------------------------------------------------------------------------------------
