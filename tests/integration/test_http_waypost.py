@@ -200,15 +200,6 @@ async def test_health_needs_no_token_but_metrics_do(tmp_path: Path) -> None:
 # -- /v1/metrics --------------------------------------------------------------------------------
 
 
-# httpapi caches every read's encoded body per registry index, also for routes without
-# watch keys; /v1/metrics changes without the registry changing, so a second scrape gets
-# the first one's body.  Strict: these pass (and then fail as XPASS) once reads without
-# watch keys are no longer cached (requested from the http owner).
-STALE_CACHE = pytest.mark.xfail(
-    strict=True, reason="httpapi caches reads without watch keys per registry index"
-)
-
-
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
@@ -250,7 +241,6 @@ async def test_metrics_follow_the_registry(agent: Agent, http: aiohttp.ClientSes
     assert sample(after, "waypost_service_instances", service="api", health="passing") == 1
 
 
-@STALE_CACHE
 async def test_metrics_count_dns_queries_and_http_requests(
     agent: Agent, http: aiohttp.ClientSession
 ) -> None:
@@ -280,7 +270,6 @@ async def test_metrics_count_dns_queries_and_http_requests(
     assert sample(after, "waypost_http_requests_total", **scrapes) >= 1
 
 
-@STALE_CACHE
 async def test_metrics_show_blocked_queries(agent: Agent, http: aiohttp.ClientSession) -> None:
     agent.registry.upsert(inst("web-1"))
     index = agent.registry.snapshot.index
