@@ -268,7 +268,8 @@ async def test_a_storm_is_rate_limited_by_the_debounce() -> None:
     consumer.cancel()
     await asyncio.gather(consumer, return_exceptions=True)
     assert port > 20
-    assert 2 <= len(lines) <= 6, len(lines)  # ~12 steps of storm / 3 steps of debounce
+    # ~12 steps of storm / 3 steps of debounce: a handful of lines, not one per change
+    assert 1 <= len(lines) <= 6, len(lines)
     assert sum(len(line["Events"]) for line in lines) == port  # nothing lost
     sub.close()
     log.close()
