@@ -111,6 +111,10 @@ class Instance:
     alloc_id: str = ""
     source: str = "api"  # who owns it: config, api, job, consul
     checks: tuple[Check, ...] = ()  # health is worst_health(checks) when there are any
+    # Registry indexes of its first registration and last change (Consul's CreateIndex and
+    # ModifyIndex); set by the registry, not part of equality.
+    create_index: int = field(default=0, compare=False)
+    modify_index: int = field(default=0, compare=False)
 
     @property
     def key(self) -> str:

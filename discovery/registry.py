@@ -173,10 +173,13 @@ class Registry:
             return found
 
         owners = self._check_owner
+        index = old.index + 1
         for inst in upserts:
             prev = instances.get(inst.id)
             if prev == inst:
                 continue
+            created = index if prev is None or prev.key != inst.key else prev.create_index
+            inst = replace(inst, create_index=created, modify_index=index)
             if prev is not None:
                 bucket(prev.key).pop(prev.id, None)
                 for check in prev.checks:
@@ -208,7 +211,6 @@ class Registry:
             allocs_changed |= alloc_map.pop(alloc_id, None) is not None
         if not members and not nodes_changed and not allocs_changed:
             return old
-        index = old.index + 1
         services = dict(old.services)
         service_index = dict(old.service_index)
         for key, group in members.items():

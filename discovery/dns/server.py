@@ -101,6 +101,18 @@ class DnsServer:
         self._errors = _ErrorLog()
         self._closing = False
 
+    @property
+    def serving(self) -> bool:
+        """True while both sockets are open and close() has not been called."""
+        udp, tcp = self._udp, self._tcp
+        return (
+            not self._closing
+            and udp is not None
+            and not udp.is_closing()
+            and tcp is not None
+            and tcp.is_serving()
+        )
+
     def close(self) -> None:
         """Stop listening, cancel forwarded queries and drop client connections."""
         self._closing = True
@@ -476,7 +488,7 @@ async def start_dns(
         server.close()
         await server.wait_closed()
         raise
-    log.info("DNS serving on %s port %d (UDP and TCP)", server.host, server.port)
+    log.debug("DNS serving on %s port %d (UDP and TCP)", server.host, server.port)
     return server
 
 

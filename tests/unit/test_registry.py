@@ -77,7 +77,8 @@ def test_snapshot_contents(registry: Registry) -> None:
     a = inst("a", "web")
     c = inst("c", "api")
     snap = registry.upsert(b, a, c)
-    assert snap.instances["a"] is a
+    assert snap.instances["a"] == a
+    assert (snap.instances["a"].create_index, snap.instances["a"].modify_index) == (1, 1)
     assert set(snap.instances) == {"a", "b", "c"}
     assert snap.services["web"] == (a, b)  # by lower-case name, ordered by id
     assert snap.service("WEB") == (a, b)
@@ -121,7 +122,8 @@ def test_old_snapshots_unchanged_by_later_writes(registry: Registry) -> None:
         dict(old.allocs),
         dict(old.service_index),
     )
-    assert old.instances["a"] is a
+    assert old.instances["a"] == a
+    assert old.instances["a"].modify_index == old.index  # not the later writes' index
     assert registry.snapshot.index > old.index
 
 
@@ -369,3 +371,14 @@ def test_check_owner_follows_upserts_and_removals(registry: Registry) -> None:
     assert registry.check_owner("c2") is None
     with pytest.raises(NotFoundError, match="c2"):
         registry.update_check("c2", Health.CRITICAL)
+
+
+def test_create_and_modify_indexes(registry: Registry) -> None:
+    registry.upsert(inst("a"))
+    registry.upsert(inst("b"))
+    snap = registry.upsert(inst("a", port=81))
+    a = snap.instances["a"]
+    assert (a.create_index, a.modify_index) == (1, 3)
+    assert registry.upsert(inst("a", port=81)) is snap  # equal: indexes are not compared
+    moved = registry.upsert(inst("a", "api", port=81)).instances["a"]
+    assert (moved.create_index, moved.modify_index) == (4, 4)  # a new service: created anew
