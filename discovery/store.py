@@ -113,6 +113,8 @@ def render_instance(inst: Instance) -> str:
             "alloc_id": inst.alloc_id,
             "source": inst.source,
             "checks": [_check_fields(c) for c in inst.checks],
+            "create_index": inst.create_index,
+            "modify_index": inst.modify_index,
         }
     )
 
@@ -156,6 +158,8 @@ def parse_instance(text: str) -> Instance:
         alloc_id=f.text("alloc_id"),
         source=f.text("source"),
         checks=tuple(_parse_check(c) for c in f.objects("checks")),
+        create_index=f.integer("create_index", 0),
+        modify_index=f.integer("modify_index", 0),
     )
 
 
@@ -208,8 +212,10 @@ class _Fields:
         self._data = data
         self._prefix = prefix
 
-    def _get(self, key: str, kind: type[_T] | tuple[type, ...]) -> _T:
+    def _get(self, key: str, kind: type[_T] | tuple[type, ...], default: _T | None = None) -> _T:
         if key not in self._data:
+            if default is not None:  # a field added after the row was written
+                return default
             raise ValueError(f"{self._prefix}{key}: missing")
         value = self._data[key]
         if isinstance(value, bool) or not isinstance(value, kind):
@@ -219,8 +225,8 @@ class _Fields:
     def text(self, key: str) -> str:
         return self._get(key, str)
 
-    def integer(self, key: str) -> int:
-        return self._get(key, int)
+    def integer(self, key: str, default: int | None = None) -> int:
+        return self._get(key, int, default)
 
     def number(self, key: str) -> float:
         return float(self._get(key, (int, float)))

@@ -61,6 +61,8 @@ SAMPLE = Instance(
     alloc_id="0b6f2e1c-5d1e-4a3b-9c1e-2f4a5b6c7d8e",
     source="job",
     checks=(TTL_CHECK, HTTP_CHECK),
+    create_index=7,
+    modify_index=42,
 )
 
 
@@ -173,11 +175,17 @@ def _mangled(path: list[str | int], value: Any) -> str:
         (["checks", 1, "ttl"], "10s", "checks[1].ttl"),
         (["checks", 0, "deregister_after"], "1m", "checks[0].deregister_after"),
         (["checks", 0, "status"], KeyError, "checks[0].status: missing"),
+        (["modify_index"], "42", "modify_index"),
     ],
 )
 def test_malformed_rows_name_the_field(path: list[str | int], value: Any, named: str) -> None:
     with pytest.raises(ValueError, match=r"^" + named.replace("[", r"\[").replace("]", r"\]")):
         parse_instance(_mangled(path, value))
+
+
+def test_indexes_default_to_0_in_older_rows() -> None:
+    back = parse_instance(_mangled(["create_index"], KeyError))
+    assert (back.create_index, back.modify_index) == (0, 42)
 
 
 @pytest.mark.parametrize("text", ["", "[]", "null", "{", '"web"'])
