@@ -37,7 +37,7 @@ import json
 import logging
 import random
 from collections import Counter, OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +59,9 @@ MAX_WAIT = 600.0  # seconds; Consul's maximum
 JITTER_DIVISOR = 16  # Consul adds up to wait/16 so that watchers do not return in lockstep
 CACHE_ENTRIES = 512  # encoded bodies kept (per route, path, query and index)
 CACHE_BYTES = 64 << 20  # and at most this many bytes of them
+# Thousands of watchers reconnect at once after a restart; a short accept queue makes
+# the kernel drop their SYNs and the clients back off for seconds (Linux caps it at somaxconn).
+LISTEN_BACKLOG = 4096
 SHUTDOWN_GRACE = 2.0  # seconds for in-flight requests when the server closes
 TOKEN_HEADERS = ("X-Consul-Token", "X-Nomad-Token")
 BLOCKING_PARAMS = frozenset({"index", "wait"})
@@ -105,11 +108,11 @@ class HttpStats:
 
 @dataclass(frozen=True, slots=True)
 class _Encoded:
+    """A response ready to send: built once, sent to every watcher of that index."""
+
     status: int
     body: bytes
-    content_type: str
-    headers: tuple[tuple[str, str], ...]
-    index: int
+    headers: Mapping[str, str]  # everything, Content-Type and the index headers included
 
 
 class _BodyCache:
@@ -192,7 +195,7 @@ async def start_http(
     )
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port)
+        site = web.TCPSite(runner, host, port, backlog=LISTEN_BACKLOG)
         await site.start()
     except BaseException:
         await runner.cleanup()
@@ -229,7 +232,7 @@ def request_token(request: web.BaseRequest) -> str | None:
 
 
 def _authorize(request: web.Request, access: Access, acl: AclSettings) -> None:
-    if not allowed(acl, request_token(request), access):
+    if acl.enabled and not allowed(acl, request_token(request), access):
         raise ApiError(403, "Permission denied")
 
 
@@ -274,6 +277,7 @@ async def _read(state: _State, route: Route, req: ApiRequest) -> _Encoded:
         index = max(MIN_INDEX, snap.index)
         return _encode(route.read(req, snap), index, pretty="pretty" in req.query)
     keys = tuple(route.watch(req))
+    query = tuple(sorted((k, tuple(v)) for k, v in req.query.items() if k not in BLOCKING_PARAMS))
     blocking = parse_blocking(req)
     if blocking is not None:
         wanted, wait = blocking
@@ -281,7 +285,6 @@ async def _read(state: _State, route: Route, req: ApiRequest) -> _Encoded:
         if wanted <= max(MIN_INDEX, snap.index) and watch_index(snap, keys) <= wanted:
             jitter = random.uniform(0, wait / JITTER_DIVISOR)
             snap = await state.stats.waiters.wait(keys, wanted, wait + jitter)
-    query = tuple(sorted((k, tuple(v)) for k, v in req.query.items() if k not in BLOCKING_PARAMS))
     key = (route.method, route.path, req.path, query, snap.index)
     encoded = state.cache.get(key)
     if encoded is None:
@@ -310,6 +313,10 @@ def parse_blocking(req: ApiRequest) -> tuple[int, float] | None:
 
 def _encode(response: ApiResponse, index: int | None, *, pretty: bool = False) -> _Encoded:
     body = response.body
+    headers = dict(LEADER_HEADERS)
+    final = response.index if response.index is not None else index
+    if final:
+        headers["X-Consul-Index"] = headers["X-Nomad-Index"] = str(final)
     if body is None:
         data = b""
     elif isinstance(body, str) and response.content_type.startswith("text/"):
@@ -319,22 +326,14 @@ def _encode(response: ApiResponse, index: int | None, *, pretty: bool = False) -
             body, indent=4 if pretty else None, separators=None if pretty else (",", ":")
         )
         data = text.encode()
-    headers = tuple(response.headers.items())
-    final = response.index if response.index is not None else index
-    return _Encoded(response.status, data, response.content_type, headers, final or 0)
+    if data:
+        headers["Content-Type"] = response.content_type
+    headers.update(response.headers)
+    return _Encoded(response.status, data, headers)
 
 
 def _respond(encoded: _Encoded) -> web.Response:
-    headers = dict(LEADER_HEADERS)
-    if encoded.index:
-        headers["X-Consul-Index"] = headers["X-Nomad-Index"] = str(encoded.index)
-    headers.update(encoded.headers)
-    response = web.Response(body=encoded.body, status=encoded.status, headers=headers)
-    if encoded.body:
-        response.content_type, _, charset = encoded.content_type.partition("; charset=")
-        if charset:
-            response.charset = charset
-    return response
+    return web.Response(body=encoded.body, status=encoded.status, headers=encoded.headers)
 
 
 # -- streams ----------------------------------------------------------------------------
