@@ -68,6 +68,11 @@ HEALTH_STATUS = {Health.PASSING: 200, Health.WARNING: 429, Health.CRITICAL: 503}
 TEXT = "text/plain; charset=utf-8"
 
 
+def api_error(status: int, field: str, message: str) -> ApiError:
+    """An ApiError whose text starts with the field it names ("Port: ...")."""
+    return ApiError(status, f"{field}: {message}", field)
+
+
 # -- where: datacenter, node, selection ---------------------------------------------
 
 
@@ -85,7 +90,7 @@ def _datacenter(req: ApiRequest, snap: Snapshot) -> str:
     local = local_datacenter(req)
     wanted = (req.arg("dc") or local).lower()
     if wanted != local and not _known_datacenter(snap, wanted):
-        raise ApiError(500, f"No path to datacenter {wanted!r}", "dc")
+        raise api_error(500, "dc", f"No path to datacenter {wanted!r}")
     return wanted
 
 
@@ -114,7 +119,7 @@ def _node_meta_filter(req: ApiRequest) -> list[tuple[str, str]]:
     for value in req.query.get("node-meta", ()):
         key, sep, wanted = value.partition(":")
         if not sep or not key:
-            raise ApiError(400, f'node-meta: {value!r} is not "key:value"', "node-meta")
+            raise api_error(400, "node-meta", f'{value!r} is not "key:value"')
         pairs.append((key, wanted))
     return pairs
 
@@ -353,8 +358,8 @@ def health_state(req: ApiRequest, snap: Snapshot) -> ApiResponse:
     """GET /v1/health/state/:state: every check in that state (`any`: all of them)."""
     state = req.params["state"]
     if state != "any" and state not in CHECK_STATES:
-        raise ApiError(400, f"state: {state!r} is not passing, warning, critical or any", "state")
-    req_any = ApiRequest(req.method, req.path, req.params, _without(req.query, "passing", "tag"))
+        raise api_error(400, "state", f"{state!r} is not passing, warning, critical or any")
+    req_any = dataclasses.replace(req, query=_without(req.query, "passing", "tag"))
     checks = [
         render_check(inst, check, snap.service_index.get(inst.key, snap.index))
         for inst in sorted(_selected(req_any, snap, snap.instances.values()), key=_by_id)
@@ -392,7 +397,7 @@ def agent_health_by_name(req: ApiRequest, snap: Snapshot) -> ApiResponse:
     name = req.params["name"]
     insts = [i for i in snap.service(name) if _is_local_agent(i, snap)]
     if not insts:
-        raise ApiError(404, f"name: ServiceName {name} Not Found", "name")
+        raise api_error(404, "name", f"ServiceName {name} Not Found")
     return _agent_health(req, snap, insts)
 
 
@@ -400,7 +405,7 @@ def agent_health_by_id(req: ApiRequest, snap: Snapshot) -> ApiResponse:
     ident = req.params["id"]
     inst = snap.instances.get(ident)
     if inst is None or not _is_local_agent(inst, snap):
-        raise ApiError(404, f"id: ServiceId {ident} not found", "id")
+        raise api_error(404, "id", f"ServiceId {ident} not found")
     return _agent_health(req, snap, [inst])
 
 
@@ -698,10 +703,10 @@ async def register(req: ApiRequest, ctx: ApiContext) -> ApiResponse:
         raise ApiError.invalid(err) from None
     prev = snap.instances.get(inst.id)
     if prev is not None and not _is_local_agent(prev, snap):
-        raise ApiError(400, f"ID: {inst.id!r} is the ID of another node's instance", "ID")
+        raise api_error(400, "ID", f"{inst.id!r} is the ID of another node's instance")
     owner = _foreign_check(ctx, inst)
     if owner:
-        raise ApiError(400, f"Checks: check ID {owner!r} belongs to another service", "Checks")
+        raise api_error(400, "Checks", f"check ID {owner!r} belongs to another service")
     await ctx.register(inst)
     return ApiResponse()
 
@@ -721,7 +726,7 @@ async def deregister(req: ApiRequest, ctx: ApiContext) -> ApiResponse:
     snap = ctx.registry.snapshot
     inst = snap.instances.get(ident)
     if inst is None or not _is_local_agent(inst, snap):
-        raise ApiError(404, f"id: Unknown service ID {ident!r}", "id")
+        raise api_error(404, "id", f"Unknown service ID {ident!r}")
     changed = ctx.registry.remove(ident)
     await ctx.store.durable(changed.index)
     return ApiResponse()
@@ -731,10 +736,10 @@ def _ttl_check(ctx: ApiContext, check_id: str) -> Check:
     snap = ctx.registry.snapshot
     inst = ctx.registry.check_owner(check_id)
     if inst is None or not _is_local_agent(inst, snap):
-        raise ApiError(404, f"check_id: Unknown check ID {check_id!r}", "check_id")
+        raise api_error(404, "check_id", f"Unknown check ID {check_id!r}")
     check = next(c for c in inst.checks if c.id == check_id)
     if check.kind is not CheckKind.TTL:
-        raise ApiError(400, f"check_id: {check_id!r} is a {check.kind} check, not a TTL check")
+        raise api_error(400, "check_id", f"{check_id!r} is a {check.kind} check, not a TTL check")
     return check
 
 
@@ -743,7 +748,7 @@ async def _set_ttl(ctx: ApiContext, check_id: str, status: Health, note: str) ->
     try:
         ctx.checks.ttl_update(check_id, status, note[:MAX_OUTPUT])
     except NotFoundError:
-        raise ApiError(404, f"check_id: Unknown check ID {check_id!r}", "check_id") from None
+        raise api_error(404, "check_id", f"Unknown check ID {check_id!r}") from None
     await ctx.store.durable(ctx.registry.snapshot.index)
     return ApiResponse()
 
