@@ -66,6 +66,8 @@ CHECK_STATES = ("passing", "warning", "critical")
 # Consul's /v1/agent/health endpoints answer load balancers through the status code.
 HEALTH_STATUS = {Health.PASSING: 200, Health.WARNING: 429, Health.CRITICAL: 503}
 TEXT = "text/plain; charset=utf-8"
+# Nodes carry no indexes of their own here; a node is as old as the agent's view of it.
+NODE_INDEX = 1
 
 
 def api_error(status: int, field: str, message: str) -> ApiError:
@@ -165,7 +167,7 @@ def _family(address: str) -> str:
     return "ipv6" if ":" in address else "ipv4"
 
 
-def render_node(node: Node, dc: str, index: int) -> Json:
+def render_node(node: Node, dc: str) -> Json:
     """Consul's Node (the `Node` of a health ServiceEntry)."""
     family = _family(node.address)
     addr = node.address
@@ -176,8 +178,8 @@ def render_node(node: Node, dc: str, index: int) -> Json:
         "Datacenter": dc,
         "TaggedAddresses": {"lan": addr, f"lan_{family}": addr, "wan": addr, f"wan_{family}": addr},
         "Meta": dict(node.meta),
-        "CreateIndex": index,
-        "ModifyIndex": index,
+        "CreateIndex": NODE_INDEX,
+        "ModifyIndex": NODE_INDEX,
     }
 
 
@@ -207,7 +209,7 @@ def render_agent_service(inst: Instance, dc: str) -> Json:
     }
 
 
-def render_service(inst: Instance, index: int) -> Json:
+def render_service(inst: Instance) -> Json:
     """The `Service` of a health ServiceEntry (Consul's AgentService with indexes)."""
     return {
         "ID": inst.id,
@@ -221,8 +223,8 @@ def render_service(inst: Instance, index: int) -> Json:
         "EnableTagOverride": False,
         "Proxy": {"MeshGateway": {}, "Expose": {}},
         "Connect": {},
-        "CreateIndex": index,
-        "ModifyIndex": index,
+        "CreateIndex": inst.create_index,
+        "ModifyIndex": inst.modify_index,
     }
 
 
@@ -230,7 +232,7 @@ def _duration(seconds: float | None) -> str:
     return format_duration(seconds or 0.0)
 
 
-def render_check(inst: Instance, check: Check, index: int) -> Json:
+def render_check(inst: Instance, check: Check) -> Json:
     """Consul's HealthCheck."""
     timed = check.kind is not CheckKind.TTL
     return {
@@ -254,19 +256,19 @@ def render_check(inst: Instance, check: Check, index: int) -> Json:
             "Timeout": _duration(check.timeout),
             "DeregisterCriticalServiceAfter": _duration(check.deregister_after),
         },
-        "CreateIndex": index,
-        "ModifyIndex": index,
+        "CreateIndex": inst.create_index,
+        "ModifyIndex": inst.modify_index,
     }
 
 
-def render_catalog_service(inst: Instance, node: Node, dc: str, index: int) -> Json:
+def render_catalog_service(inst: Instance, node: Node, dc: str) -> Json:
     """Consul's CatalogService (a ServiceNode)."""
     return {
         "ID": node_id(node.name),
         "Node": node.name,
         "Address": node.address,
         "Datacenter": dc,
-        "TaggedAddresses": render_node(node, dc, index)["TaggedAddresses"],
+        "TaggedAddresses": render_node(node, dc)["TaggedAddresses"],
         "NodeMeta": dict(node.meta),
         "ServiceKind": "",
         "ServiceID": inst.id,
@@ -281,18 +283,17 @@ def render_catalog_service(inst: Instance, node: Node, dc: str, index: int) -> J
         "ServiceEnableTagOverride": False,
         "ServiceProxy": {"MeshGateway": {}, "Expose": {}},
         "ServiceConnect": {},
-        "CreateIndex": index,
-        "ModifyIndex": index,
+        "CreateIndex": inst.create_index,
+        "ModifyIndex": inst.modify_index,
     }
 
 
 def render_service_entry(snap: Snapshot, inst: Instance, dc: str) -> Json:
     """Consul's ServiceEntry: {Node, Service, Checks}."""
-    index = snap.service_index.get(inst.key, snap.index)
     return {
-        "Node": render_node(_node(snap, inst), dc, index),
-        "Service": render_service(inst, index),
-        "Checks": [render_check(inst, c, index) for c in inst.checks],
+        "Node": render_node(_node(snap, inst), dc),
+        "Service": render_service(inst),
+        "Checks": [render_check(inst, c) for c in inst.checks],
     }
 
 
@@ -314,7 +315,7 @@ def agent_services(req: ApiRequest, snap: Snapshot) -> ApiResponse:
 def agent_checks(req: ApiRequest, snap: Snapshot) -> ApiResponse:
     """GET /v1/agent/checks: the local agent's checks by check ID."""
     checks = [
-        render_check(inst, check, snap.service_index.get(inst.key, snap.index))
+        render_check(inst, check)
         for inst in sorted(snap.instances.values(), key=_by_id)
         if _is_local_agent(inst, snap)
         for check in inst.checks
@@ -337,8 +338,7 @@ def catalog_services(req: ApiRequest, snap: Snapshot) -> ApiResponse:
 
 
 def _catalog_entry(req: ApiRequest, snap: Snapshot, inst: Instance) -> Json:
-    index = snap.service_index.get(inst.key, snap.index)
-    return render_catalog_service(inst, _node(snap, inst), _dc_of(inst, req), index)
+    return render_catalog_service(inst, _node(snap, inst), _dc_of(inst, req))
 
 
 def catalog_service(req: ApiRequest, snap: Snapshot) -> ApiResponse:
@@ -361,7 +361,7 @@ def health_state(req: ApiRequest, snap: Snapshot) -> ApiResponse:
         raise api_error(400, "state", f"{state!r} is not passing, warning, critical or any")
     req_any = dataclasses.replace(req, query=_without(req.query, "passing", "tag"))
     checks = [
-        render_check(inst, check, snap.service_index.get(inst.key, snap.index))
+        render_check(inst, check)
         for inst in sorted(_selected(req_any, snap, snap.instances.values()), key=_by_id)
         for check in inst.checks
         if state in ("any", check.status.value)
@@ -383,9 +383,7 @@ def _agent_health(req: ApiRequest, snap: Snapshot, insts: list[Instance]) -> Api
         {
             "AggregatedStatus": i.health.value,
             "Service": render_agent_service(i, dc),
-            "Checks": [
-                render_check(i, c, snap.service_index.get(i.key, snap.index)) for c in i.checks
-            ],
+            "Checks": [render_check(i, c) for c in i.checks],
         }
         for i in insts
     ]

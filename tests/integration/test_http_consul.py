@@ -584,6 +584,22 @@ async def test_index_of_a_service_is_its_last_change(client: Client) -> None:
     assert int(headers["X-Consul-Index"]) > web  # a removal moves it too; never backwards
 
 
+async def test_create_and_modify_indexes(client: Client) -> None:
+    await client.register({"Name": "web", "Check": {"TTL": "30s"}})
+    created = client.api.registry.snapshot.index
+    await client.register({"Name": "db"})
+    await client.register({"Name": "web", "Port": 81, "Check": {"TTL": "30s"}})
+    modified = client.api.registry.snapshot.index
+    _, _, (entry,) = await client.get("/v1/catalog/service/web")
+    assert (entry["CreateIndex"], entry["ModifyIndex"]) == (created, modified)
+    _, _, (health,) = await client.get("/v1/health/service/web")
+    assert (health["Service"]["CreateIndex"], health["Service"]["ModifyIndex"]) == (
+        created,
+        modified,
+    )
+    assert health["Checks"][0]["ModifyIndex"] == modified
+
+
 # -- blocking queries ------------------------------------------------------------------------
 
 
