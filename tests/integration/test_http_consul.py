@@ -798,7 +798,7 @@ async def test_tokens_never_reach_the_log(caplog: pytest.LogCaptureFixture) -> N
         raise RuntimeError("read failed")
 
     route = Route("GET", "/v1/boom", Access.READ, read=boom)
-    caplog.set_level(logging.DEBUG, logger="discovery")
+    caplog.set_level(logging.DEBUG)  # every logger, aiohttp's included
     async with running_api(acl=ACL, routes=(route,)) as api, aiohttp.ClientSession() as s:
         client = Client(api, s)
         status, _, body = await client.get(f"/v1/boom?token={READ_TOKEN}")
