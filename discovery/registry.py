@@ -16,6 +16,9 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
+from typing import TypeVar
+
+import immutables
 
 from discovery.errors import NotFoundError
 from discovery.model import Health, Instance, Node, worst_health
@@ -41,7 +44,7 @@ class Snapshot:
     services: Mapping[str, tuple[Instance, ...]]  # by lower-case service name, ordered by id
     nodes: Mapping[str, Node]  # by lower-case node name
     allocs: Mapping[str, Alloc] = field(default_factory=lambda: MappingProxyType({}))
-    service_index: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    service_index: Mapping[str, int] = field(default_factory=immutables.Map)
     local_node: str = ""
 
     def service(self, name: str) -> tuple[Instance, ...]:
@@ -50,6 +53,15 @@ class Snapshot:
 
 
 Subscriber = Callable[[Snapshot, frozenset[str]], None]
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def _as_map(mapping: Mapping[K, V]) -> immutables.Map[K, V]:
+    """The persistent map behind a snapshot field (every snapshot the registry makes has one)."""
+    if isinstance(mapping, immutables.Map):
+        return mapping
+    return immutables.Map(mapping)
 
 
 class Registry:
@@ -62,8 +74,8 @@ class Registry:
         nodes = {local_node.name.lower(): local_node}
         self._snapshot = Snapshot(
             index=index,
-            instances=MappingProxyType({}),
-            services=MappingProxyType({}),
+            instances=immutables.Map(),
+            services=immutables.Map(),
             nodes=MappingProxyType(nodes),
             local_node=local_node.name,
         )
@@ -161,7 +173,8 @@ class Registry:
         :meth:`remove` is the strict variant).
         """
         old = self._snapshot
-        instances = dict(old.instances)
+        # Persistent maps (HAMT): a change copies O(log n) nodes, not the registry.
+        instances = _as_map(old.instances).mutate()
         # Per touched service key: its members by id, edited in place, so a
         # change costs O(size of the services it touches), not O(registry).
         members: dict[str, dict[str, Instance]] = {}
@@ -189,8 +202,9 @@ class Registry:
             for check in inst.checks:
                 owners[check.id] = inst.id
         for ident in removals:
-            prev = instances.pop(ident, None)
+            prev = instances.get(ident)
             if prev is not None:
+                del instances[ident]
                 bucket(prev.key).pop(prev.id, None)
                 for check in prev.checks:
                     if owners.get(check.id) == ident:
@@ -211,21 +225,21 @@ class Registry:
             allocs_changed |= alloc_map.pop(alloc_id, None) is not None
         if not members and not nodes_changed and not allocs_changed:
             return old
-        services = dict(old.services)
-        service_index = dict(old.service_index)
+        services = _as_map(old.services).mutate()
+        service_index = _as_map(old.service_index).mutate()
         for key, group in members.items():
             service_index[key] = index
             if group:
                 services[key] = tuple(group[i] for i in sorted(group))
-            else:
-                services.pop(key, None)
+            elif key in services:
+                del services[key]
         snap = Snapshot(
             index=index,
-            instances=MappingProxyType(instances),
-            services=MappingProxyType(services),
+            instances=instances.finish(),
+            services=services.finish(),
             nodes=MappingProxyType(node_map) if nodes_changed else old.nodes,
             allocs=MappingProxyType(alloc_map) if allocs_changed else old.allocs,
-            service_index=MappingProxyType(service_index),
+            service_index=service_index.finish(),
             local_node=old.local_node,
         )
         self._snapshot = snap

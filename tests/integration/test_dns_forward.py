@@ -76,13 +76,18 @@ async def front(start_waypost: StartWaypost, upstream: RunningDns) -> RunningDns
 @pytest.fixture
 def dead_port() -> Any:
     """A port with a UDP socket that never answers and a TCP listener that never replies."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, socket.socket() as tcp:
-        udp.bind(("127.0.0.1", 0))
-        port = udp.getsockname()[1]
-        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        tcp.bind(("127.0.0.1", port))
-        tcp.listen()
-        yield port
+    for _ in range(20):  # the UDP port's TCP twin may be taken: pick another pair
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, socket.socket() as tcp:
+            udp.bind(("127.0.0.1", 0))
+            port = udp.getsockname()[1]
+            try:
+                tcp.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            tcp.listen()
+            yield port
+            return
+    raise RuntimeError("no free UDP+TCP port pair on 127.0.0.1 after 20 tries")
 
 
 @pytest.fixture

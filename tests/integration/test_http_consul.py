@@ -320,7 +320,7 @@ async def test_deregister(client: Client) -> None:
     await client.register({"Name": "web", "Check": {"TTL": "10s"}})
     status, _, body = await client.put("/v1/agent/service/deregister/web")
     assert (status, body) == (200, "")
-    assert client.api.registry.snapshot.instances == {}
+    assert len(client.api.registry.snapshot.instances) == 0
     assert client.api.registry.check_owner("service:web") is None
     assert client.api.store.waited[-1] == client.api.registry.snapshot.index
     status, _, body = await client.put("/v1/agent/service/deregister/web")
@@ -764,7 +764,7 @@ async def test_acl_writes_need_a_write_token() -> None:
                 "/v1/agent/service/register", body, headers=headers
             )
             assert (status, answer) == (403, {"error": "Permission denied"})
-        assert api.registry.snapshot.instances == {} and api.store.waited == []
+        assert len(api.registry.snapshot.instances) == 0 and api.store.waited == []
         status, _, _ = await client.put(f"/v1/agent/service/register?token={READ_TOKEN}", body)
         assert status == 403
         ways: list[dict[str, Any]] = [
@@ -777,7 +777,7 @@ async def test_acl_writes_need_a_write_token() -> None:
             await client.register(body, **way)
             assert list(api.registry.snapshot.instances) == ["web"]
             assert (await client.put("/v1/agent/service/deregister/web", **way))[0] == 200
-            assert api.registry.snapshot.instances == {}
+            assert len(api.registry.snapshot.instances) == 0
 
 
 async def test_acl_reads() -> None:
@@ -820,7 +820,7 @@ async def test_body_over_1_mib_is_413(client: Client) -> None:
     ) as response:
         status, answer = response.status, await response.json()
     assert (status, answer["field"]) == (413, "body")
-    assert client.api.registry.snapshot.instances == {}
+    assert len(client.api.registry.snapshot.instances) == 0
 
 
 async def test_unknown_routes_and_wrong_methods(client: Client) -> None:

@@ -20,7 +20,8 @@ ADAPTERS: dict[str, set[str]] = {
     "aiohttp": {"discovery/httpapi.py"},
     "dnslib": {"discovery/dns/codec.py"},
     "hcl2": {"discovery/hclfile.py"},
-    "lark": {"discovery/hclfile.py"},  # hcl2's parser: its syntax errors carry the line
+    "lark": {"discovery/hclfile.py"},
+    "immutables": {"discovery/registry.py"},  # hcl2's parser: its syntax errors carry the line
     "prometheus_client": {"discovery/metrics.py"},
     "regex": {"discovery/filter.py"},  # `matches` in filters: a regex search with a timeout
     "sqlite3": {"discovery/store.py"},
