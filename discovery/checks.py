@@ -2,10 +2,11 @@
 
 :class:`CheckRunner` is the state.  It subscribes to the registry and keeps,
 per check of every instance (whatever its source: config, api, job...), one
-timer (TTL) or one sleeping task (HTTP, TCP).  Results go back through
-:meth:`Registry.update_check`, which publishes only real changes, so a status
-change reaches DNS and blocking queries at once.  A check that stays critical
-for its DeregisterCriticalServiceAfter removes its instance.
+timer (TTL) or one sleeping task (HTTP, TCP).  Results go back to the
+registry as real changes only (what :meth:`Registry.update_check` does,
+batched per event-loop iteration), so a status change reaches DNS and
+blocking queries at once.  A check that stays critical for its
+DeregisterCriticalServiceAfter removes its instance.
 
 The probes are adapters on plain asyncio streams (no third-party library):
 :func:`probe_http` is a minimal HTTP/1.1 GET client, :func:`probe_tcp` a TCP
@@ -29,12 +30,12 @@ import random
 import re
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from urllib.parse import urljoin, urlsplit
 
 from discovery.durations import format_duration
 from discovery.errors import NotFoundError, ValidationError
-from discovery.model import MAX_OUTPUT, Check, CheckKind, Health, Instance
+from discovery.model import MAX_OUTPUT, Check, CheckKind, Health, Instance, worst_health
 from discovery.registry import Registry, Snapshot
 
 log = logging.getLogger(__name__)
@@ -371,7 +372,9 @@ class CheckRunner:
         self._by_check: dict[str, _Running] = {}  # check id -> running check
         self._tasks: set[asyncio.Task[None]] = set()
         self._unsubscribe: Callable[[], None] | None = None
-        self._writing = False  # inside our own update_check: skip our subscriber
+        self._writing = False  # inside our own registry write: skip our subscriber
+        self._pending: dict[str, tuple[_Running, Outcome]] = {}  # check id -> latest result
+        self._flush_handle: asyncio.Handle | None = None
         self._tls: ssl.SSLContext | None = None
 
     @property
@@ -398,6 +401,10 @@ class CheckRunner:
             self._unsubscribe = None
         for ident in list(self._tracked):
             self._untrack(ident)
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        self._pending.clear()
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -422,7 +429,8 @@ class CheckRunner:
             return
         run.note = output
         self._arm_ttl(run)
-        self._write(run, Outcome(status, output), force=True)
+        self._pending.pop(check_id, None)  # this update is newer than a queued expiry
+        self._commit([(run, Outcome(status, output))])  # now: the API answers after it
 
     # -- following the registry ------------------------------------------------
 
@@ -532,33 +540,82 @@ class CheckRunner:
             run.reap_timer = None
 
     def _write(self, run: _Running, outcome: Outcome, *, force: bool = False) -> None:
-        """Write an outcome to the registry (only what changed; see OUTPUT_REFRESH)."""
-        if outcome.status is run.status and outcome.output == run.output:
+        """Queue an outcome for the registry, if it changes something (see OUTPUT_REFRESH).
+
+        Queued outcomes are written at the end of this loop iteration, in one
+        registry change for all the checks whose results came in together: the
+        registry's cost per change grows with its size, and after a restart or
+        an outage thousands of checks flip within a second.
+        """
+        check_id = run.check.id
+        if outcome.status is run.status and (
+            outcome.output == run.output
+            or (not force and self._now() - run.written < self._output_refresh)
+        ):
+            self._pending.pop(check_id, None)  # the latest result wins
             return
-        now = asyncio.get_running_loop().time()
-        if outcome.status is run.status and not force and now - run.written < self._output_refresh:
-            return
-        if outcome.status is not run.status:
-            log.info(
-                "check %r: %s -> %s: %s",
-                run.check.id,
-                run.status,
-                outcome.status,
-                outcome.output[:200],
+        self._pending[check_id] = (run, outcome)
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Write the queued outcomes.  Error handling: a loop callback; the loop logs errors."""
+        self._flush_handle = None
+        pending, self._pending = self._pending, {}
+        self._commit(list(pending.values()))
+
+    def _commit(self, results: list[tuple[_Running, Outcome]]) -> None:
+        """Write outcomes of running checks in one registry change.
+
+        The same as Registry.update_check for each (status and output set, the
+        instance's health its worst check), batched; a check stopped in the
+        meantime, or whose instance is gone, is skipped.
+        """
+        snap = self.registry.snapshot
+        by_instance: dict[str, dict[str, Outcome]] = {}
+        for run, outcome in results:
+            if self._by_check.get(run.check.id) is run:
+                by_instance.setdefault(run.instance_id, {})[run.check.id] = outcome
+        upserts: list[Instance] = []
+        for ident, outcomes in by_instance.items():
+            inst = snap.instances.get(ident)
+            if inst is None:
+                continue
+            checks = tuple(
+                replace(c, status=o.status, output=o.output) if (o := outcomes.get(c.id)) else c
+                for c in inst.checks
             )
+            if checks != inst.checks:
+                upserts.append(replace(inst, checks=checks, health=worst_health(checks)))
         self._writing = True
         try:
-            snap = self.registry.update_check(run.check.id, outcome.status, output=outcome.output)
-        except NotFoundError:
-            return  # its instance is gone; the registry's publish stopped this check
+            snap = self.registry.apply(upserts=upserts)
         finally:
             self._writing = False
-        run.written = now
-        tracked = self._tracked.get(run.instance_id)
-        current = snap.instances.get(run.instance_id)
-        if tracked is not None and current is not None:
+        now = self._now()
+        for ident, outcomes in by_instance.items():
+            tracked = self._tracked.get(ident)
+            current = snap.instances.get(ident)
+            if tracked is None or current is None:
+                continue
             tracked.instance = current  # keeps the identity test of _changed cheap
-        self._observe(run, outcome.status, outcome.output)
+            for check_id, outcome in outcomes.items():
+                written = tracked.checks.get(check_id)
+                if written is None:
+                    continue
+                if outcome.status is not written.status:
+                    log.info(
+                        "check %r: %s -> %s: %s",
+                        check_id,
+                        written.status,
+                        outcome.status,
+                        outcome.output[:200],
+                    )
+                written.written = now
+                self._observe(written, outcome.status, outcome.output)
+
+    def _now(self) -> float:
+        return asyncio.get_running_loop().time()
 
     def _arm_ttl(self, run: _Running) -> None:
         if run.ttl_timer is not None:

@@ -899,6 +899,26 @@ async def test_probes_in_flight_are_bounded(registry: Registry, make_raw: MakeRa
     assert silent.max_open <= 3
 
 
+async def test_results_arriving_together_are_one_registry_change(
+    registry: Registry, closed_port: int
+) -> None:
+    count = 50
+    registry.upsert(
+        *(instance(f"web-{n}", tcp_check(f"127.0.0.1:{closed_port}", f"c{n}", interval=5.0))
+          for n in range(count))
+    )  # fmt: skip
+    index = registry.snapshot.index
+    runner = CheckRunner(registry, stagger=0.0)  # every first probe at once: all refused
+    runner.start()
+    try:
+        await eventually(
+            lambda: all(state(registry, f"c{n}").output for n in range(count)), "all probed"
+        )
+    finally:
+        await runner.close()
+    assert 1 <= registry.snapshot.index - index < count // 2
+
+
 async def test_many_checks(registry: Registry, listener: int) -> None:
     runner = CheckRunner(registry, stagger=0.2)
     runner.start()
