@@ -37,6 +37,7 @@ class ApiRequest:
     params: Mapping[str, str]  # path parameters ({name}, {id})
     query: Mapping[str, Sequence[str]]  # query string, every value of each key
     body: bytes = b""
+    datacenter: str = "dc1"  # the agent's (lower case), set by the adapter from ApiContext
 
     def arg(self, name: str, default: str | None = None) -> str | None:
         """The last value of query parameter `name` ('' for a bare `?passing`)."""

@@ -59,7 +59,6 @@ from discovery.model import (
 from discovery.registry import Snapshot
 
 Json = dict[str, Any]
-DEFAULT_DATACENTER = "dc1"  # DESIGN.md; only until ApiRequest carries the agent's datacenter
 # Node IDs are UUIDs in Consul; ours are derived from the node name so they are stable.
 NODE_ID_NAMESPACE = uuid.UUID("5b8f1d4e-7c1a-4f5e-9a57-2f0c6d3b9e10")
 CHECK_STATES = ("passing", "warning", "critical")
@@ -79,12 +78,8 @@ def api_error(status: int, field: str, message: str) -> ApiError:
 
 
 def local_datacenter(req: ApiRequest) -> str:
-    """The agent's datacenter (lower case).
-
-    ApiRequest gains a `datacenter` field (set by the adapter from ApiContext);
-    until then DESIGN.md's default is assumed.
-    """
-    return str(getattr(req, "datacenter", "") or DEFAULT_DATACENTER).lower()
+    """The agent's datacenter (lower case), as the adapter set it on the request."""
+    return req.datacenter
 
 
 def _datacenter(req: ApiRequest, snap: Snapshot) -> str:

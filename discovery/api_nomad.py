@@ -37,7 +37,6 @@ from discovery.registry import Snapshot
 Json = dict[str, Any]
 NAMESPACE = "default"  # Nomad's default namespace; waypost has no other
 ALL_NAMESPACES = "*"  # Nomad's wildcard (structs.AllNamespacesSentinel)
-DEFAULT_DATACENTER = "dc1"  # DESIGN.md; only until ApiRequest carries the agent's datacenter
 # Selectors of `?filter=` on /v1/service/:name: the registration's fields.
 FIELDS = (
     "ID",
@@ -60,8 +59,8 @@ MALFORMED_CHOOSE = "choose param must be of form 'int|key'"
 
 
 def local_datacenter(req: ApiRequest) -> str:
-    """The agent's datacenter (the adapter sets `req.datacenter` once ApiRequest has it)."""
-    return str(getattr(req, "datacenter", "") or DEFAULT_DATACENTER)
+    """The agent's datacenter, as the adapter set it on the request."""
+    return req.datacenter
 
 
 def render_registration(inst: Instance, datacenter: str, index: int) -> Json:

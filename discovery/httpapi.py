@@ -214,9 +214,6 @@ async def _on_shutdown(app: web.Application) -> None:
 # -- requests ---------------------------------------------------------------------------
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-# ApiRequest.datacenter (the agent's datacenter) is requested from the api.py owner;
-# it is filled in when present.
-_REQUEST_HAS_DATACENTER = "datacenter" in {f.name for f in dataclasses.fields(ApiRequest)}
 
 
 def request_token(request: web.BaseRequest) -> str | None:
@@ -238,16 +235,14 @@ def _authorize(request: web.Request, access: Access, acl: AclSettings) -> None:
 
 def _api_request(request: web.Request, body: bytes, ctx: ApiContext) -> ApiRequest:
     query = {k: tuple(request.query.getall(k)) for k in set(request.query) if k != "token"}
-    fields: dict[str, Any] = {
-        "method": request.method,
-        "path": request.path,
-        "params": dict(request.match_info),
-        "query": query,
-        "body": body,
-    }
-    if _REQUEST_HAS_DATACENTER:
-        fields["datacenter"] = ctx.datacenter
-    return ApiRequest(**fields)
+    return ApiRequest(
+        method=request.method,
+        path=request.path,
+        params=dict(request.match_info),
+        query=query,
+        body=body,
+        datacenter=ctx.datacenter.lower(),
+    )
 
 
 def _route_handler(route: Route) -> Handler:
