@@ -1,9 +1,11 @@
-"""The agent: composition root wiring config, registry, DNS responder and server.  Top layer.
+"""The agent: composition root wiring every part.  Top layer.
 
-:func:`start_agent` builds the registry around the local node, loads the
-configured services, and starts DNS; :func:`serve` runs it until SIGTERM or
-SIGINT and re-reads the configuration on SIGHUP; :func:`run_agent` is the
-synchronous entry point (uvloop when installed).
+:func:`start_agent` opens the state in the data dir, rebuilds the registry
+from it around the local node (the index continues where it stopped), loads
+the configured services, and starts the check runner, the event log, DNS
+and the HTTP API; :func:`serve` runs it until SIGTERM or SIGINT and re-reads
+the configuration on SIGHUP; :func:`run_agent` is the synchronous entry point
+(uvloop when installed).
 
 A reload swaps the configured services (one registry batch) and the DNS
 settings; sockets stay open, so no query is dropped.  A config that does not
@@ -14,37 +16,58 @@ listen addresses, data dir) needs a restart; a reload that changes it says so.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Callable
 from dataclasses import replace
 
+from discovery import api_consul, api_nomad, api_waypost
+from discovery.api import ApiContext
+from discovery.checks import CheckRunner
 from discovery.config import SOURCE, AgentConfig, Endpoint, service_instances
 from discovery.dns.responder import Responder
 from discovery.dns.server import DnsServer, start_dns
-from discovery.errors import WaypostError
+from discovery.errors import StateError, WaypostError
+from discovery.events import EventLog
+from discovery.httpapi import HttpServer, HttpStats, StreamRoute, start_http
+from discovery.metrics import MetricsSources
 from discovery.registry import Registry
+from discovery.store import Store, open_store
 
 log = logging.getLogger(__name__)
 
 ConfigLoader = Callable[[], AgentConfig]
 
 # Fixed for the life of the process: the node the registry is built around and the sockets.
-RESTART_ONLY = ("node_name", "node_address", "dns_addr", "http_addr", "data_dir")
+RESTART_ONLY = ("node_name", "node_address", "dns_addr", "http_addr", "data_dir", "acl")
 EXIT_OK = 0
 EXIT_FAILED = 1  # could not start (address in use...)
 
 
 class Agent:
-    """The running parts.  Built by :func:`start_agent`; `close()` then `wait_closed()`."""
+    """The running parts.  Built by :func:`start_agent`; `await close()` stops them all."""
 
     def __init__(
-        self, config: AgentConfig, registry: Registry, responder: Responder, dns: DnsServer
+        self,
+        config: AgentConfig,
+        registry: Registry,
+        responder: Responder,
+        dns: DnsServer,
+        http: HttpServer,
+        parts: contextlib.AsyncExitStack,
     ) -> None:
         self.config = config
         self.registry = registry
         self.responder = responder
         self.dns = dns
+        self.http = http
+        self._parts = parts
+
+    @property
+    def http_endpoint(self) -> Endpoint:
+        """Where the HTTP API is actually listening."""
+        return Endpoint(self.http.host or self.config.http_addr.host, self.http.port)
 
     @property
     def dns_endpoint(self) -> Endpoint:
@@ -67,24 +90,81 @@ class Agent:
         self.responder.update_settings(dns)
         self.config = replace(new, dns=dns, **fixed)
 
-    def close(self) -> None:
-        self.dns.close()
-
-    async def wait_closed(self) -> None:
-        await self.dns.wait_closed()
+    async def close(self) -> None:
+        """Stop serving and flush the state, in the reverse order of start."""
+        await self._parts.aclose()
 
 
 async def start_agent(config: AgentConfig) -> Agent:
-    """Build the registry and responder from `config` and start DNS.
+    """Open the state, rebuild the registry, start every part.
 
-    Error handling: an address that cannot be bound raises OSError; nothing stays open.
+    Error handling: an unusable data dir raises StateError and an address that
+    cannot be bound raises OSError; either way nothing stays open or running.
     """
-    node = config.node
-    registry = Registry(node)
-    registry.replace_source(SOURCE, service_instances(config.services, node))
-    responder = Responder(registry, config.dns)
-    dns = await start_dns(responder, config.dns_addr.host, config.dns_addr.port)
-    return Agent(config, registry, responder, dns)
+    parts = contextlib.AsyncExitStack()
+    try:
+        store = await asyncio.to_thread(open_store, config.data_dir)
+        parts.push_async_callback(store.close)
+        restored = store.load()
+        node = config.node
+        # Index 1 at least: Consul clients read index 0 as "no index" (and never block).
+        registry = Registry(node, index=max(1, restored.index + 1))
+        registry.apply(upserts=restored.instances, allocs=restored.allocs)
+        store.attach(registry)
+        registry.replace_source(SOURCE, service_instances(config.services, node))
+        responder = Responder(registry, config.dns)
+        checks = CheckRunner(registry)
+        checks.start()
+        parts.push_async_callback(checks.close)
+        dns = await start_dns(responder, config.dns_addr.host, config.dns_addr.port)
+        parts.push_async_callback(_close_dns, dns)
+        http = await _start_http(config, registry, responder, dns, store, checks, parts)
+        log.info(
+            "restored %d instances from %s (index %d)",
+            len(restored.instances),
+            config.data_dir,
+            registry.snapshot.index,
+        )
+        return Agent(config, registry, responder, dns, http, parts)
+    except BaseException:
+        await parts.aclose()
+        raise
+
+
+async def _start_http(
+    config: AgentConfig,
+    registry: Registry,
+    responder: Responder,
+    dns: DnsServer,
+    store: Store,
+    checks: CheckRunner,
+    parts: contextlib.AsyncExitStack,
+) -> HttpServer:
+    events = EventLog(registry, datacenter=config.datacenter)
+    stats = HttpStats()
+    sources = MetricsSources(
+        registry,
+        dns_counts=responder.counts,
+        http_counts=stats.requests,
+        waiters=lambda: stats.blocked,
+        store=store,
+        event_subscribers=lambda: events.subscribers,
+    )
+    status = api_waypost.StatusOf(sources, dns_serving=lambda: dns.serving)
+    routes = api_consul.ROUTES + api_nomad.ROUTES + api_waypost.routes(status)
+    stream = StreamRoute("/v1/event/stream", api_waypost.event_stream(events))
+    ctx = ApiContext(registry, store, checks, config.datacenter, config.node_name)
+    host, port = config.http_addr.host, config.http_addr.port
+    http = await start_http(ctx, routes, config.acl, host, port, streams=[stream], stats=stats)
+    parts.push_async_callback(http.close)
+    # Streams end before the server closes, so their clients see a clean end of stream.
+    parts.callback(events.close)
+    return http
+
+
+async def _close_dns(dns: DnsServer) -> None:
+    dns.close()
+    await dns.wait_closed()
 
 
 class _Reloads:
@@ -145,10 +225,14 @@ async def serve(config: AgentConfig, load: ConfigLoader) -> int:
         try:
             agent = await start_agent(config)
         except OSError as exc:
-            log.error("cannot listen for DNS on %s: %s", config.dns_addr, exc)
+            log.error("cannot listen: %s", exc)
+            return EXIT_FAILED
+        except StateError as exc:
+            log.error("cannot use the data dir: %s", exc)
             return EXIT_FAILED
         try:
             log.info("dns listening on %s (udp+tcp)", agent.dns_endpoint)
+            log.info("http listening on %s", agent.http_endpoint)
             log.info(
                 "node %s (%s), datacenter %s, domain %s, %d services",
                 config.node_name,
@@ -162,8 +246,7 @@ async def serve(config: AgentConfig, load: ConfigLoader) -> int:
             log.info("shutting down")
         finally:
             await reloads.close()
-            agent.close()
-            await agent.wait_closed()
+            await agent.close()
     finally:
         for sig in handled:
             loop.remove_signal_handler(sig)

@@ -159,7 +159,8 @@ def run_agent(tmp_path: Path, config: Path) -> Iterator[Callable[..., Agent]]:
     started: list[Agent] = []
 
     def run(*extra: str, dns_addr: str = "127.0.0.1:0") -> Agent:
-        args = ["--dev", "--dns-addr", dns_addr, "--data-dir", str(tmp_path / "data")]
+        args = ["--dev", "--dns-addr", dns_addr, "--http-addr", "127.0.0.1:0"]
+        args += ["--data-dir", str(tmp_path / "data")]
         agent = Agent([*args, "--config", str(config), *extra])
         started.append(agent)
         return agent
@@ -227,7 +228,9 @@ def test_port_in_use_exits_1(run_agent: Callable[..., Agent], config: Path) -> N
         agent = run_agent(dns_addr=f"127.0.0.1:{port}")
         assert agent.exit_code() == 1
     stderr = agent.rest_of_stderr()
-    assert any(f"cannot listen for DNS on 127.0.0.1:{port}" in line for line in stderr), stderr
+    assert any(
+        "cannot listen" in line and f"127.0.0.1:{port}" in line and "DNS" in line for line in stderr
+    ), stderr
 
 
 @contextlib.contextmanager
@@ -351,7 +354,8 @@ def test_sighup_rereads_a_config_directory(tmp_path: Path) -> None:
     conf = tmp_path / "conf.d"
     conf.mkdir()
     (conf / "10-web.hcl").write_text(WEB)
-    args = ["--dns-addr", "127.0.0.1:0", "--data-dir", str(tmp_path / "d"), "--config", str(conf)]
+    args = ["--dns-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"]
+    args += ["--data-dir", str(tmp_path / "d"), "--config", str(conf)]
     agent = Agent(args)
     try:
         agent.started()
