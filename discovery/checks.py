@@ -30,12 +30,12 @@ import random
 import re
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
 from discovery.durations import format_duration
 from discovery.errors import NotFoundError, ValidationError
-from discovery.model import MAX_OUTPUT, Check, CheckKind, Health, Instance, worst_health
+from discovery.model import MAX_OUTPUT, Check, CheckKind, Health, Instance
 from discovery.registry import Registry, Snapshot
 
 log = logging.getLogger(__name__)
@@ -567,29 +567,22 @@ class CheckRunner:
     def _commit(self, results: list[tuple[_Running, Outcome]]) -> None:
         """Write outcomes of running checks in one registry change.
 
-        The same as Registry.update_check for each (status and output set, the
-        instance's health its worst check), batched; a check stopped in the
-        meantime, or whose instance is gone, is skipped.
+        Registry.update_checks does the writing (the instance's health is its
+        worst check); a check stopped in the meantime, or whose instance is
+        gone, is skipped.
         """
-        snap = self.registry.snapshot
         by_instance: dict[str, dict[str, Outcome]] = {}
         for run, outcome in results:
             if self._by_check.get(run.check.id) is run:
                 by_instance.setdefault(run.instance_id, {})[run.check.id] = outcome
-        upserts: list[Instance] = []
-        for ident, outcomes in by_instance.items():
-            inst = snap.instances.get(ident)
-            if inst is None:
-                continue
-            checks = tuple(
-                replace(c, status=o.status, output=o.output) if (o := outcomes.get(c.id)) else c
-                for c in inst.checks
-            )
-            if checks != inst.checks:
-                upserts.append(replace(inst, checks=checks, health=worst_health(checks)))
+        updates = {
+            check_id: (o.status, o.output)
+            for outcomes in by_instance.values()
+            for check_id, o in outcomes.items()
+        }
         self._writing = True
         try:
-            snap = self.registry.apply(upserts=upserts)
+            snap = self.registry.update_checks(updates)
         finally:
             self._writing = False
         now = self._now()

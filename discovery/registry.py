@@ -139,18 +139,32 @@ class Registry:
         Nothing is published when status and output are unchanged (a TTL check
         refreshed with the same result does not wake anyone).
         """
-        inst = self.check_owner(check_id)
-        if inst is None:
+        if check_id not in self._check_owner:
             raise NotFoundError(f"unknown check {check_id!r}")
-        checks = tuple(
-            replace(c, status=status, output=c.output if output is None else output)
-            if c.id == check_id
-            else c
-            for c in inst.checks
-        )
-        if checks == inst.checks:
-            return self._snapshot
-        return self.apply(upserts=[replace(inst, checks=checks, health=worst_health(checks))])
+        return self.update_checks({check_id: (status, output)})
+
+    def update_checks(self, results: Mapping[str, tuple[Health, str | None]]) -> Snapshot:
+        """Set several checks' (status, output or None to keep it) in one change.
+
+        Unknown check ids are skipped (their instance went away meanwhile).
+        """
+        by_instance: dict[str, dict[str, tuple[Health, str | None]]] = {}
+        for check_id, result in results.items():
+            owner = self._check_owner.get(check_id)
+            if owner is not None:
+                by_instance.setdefault(owner, {})[check_id] = result
+        upserts: list[Instance] = []
+        for ident, outcomes in by_instance.items():
+            inst = self._snapshot.instances[ident]
+            checks = tuple(
+                c
+                if (r := outcomes.get(c.id)) is None
+                else replace(c, status=r[0], output=c.output if r[1] is None else r[1])
+                for c in inst.checks
+            )
+            if checks != inst.checks:
+                upserts.append(replace(inst, checks=checks, health=worst_health(checks)))
+        return self.apply(upserts=upserts)
 
     def put_alloc(self, alloc: Alloc) -> Snapshot:
         return self.apply(allocs=[alloc])

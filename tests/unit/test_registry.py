@@ -382,3 +382,20 @@ def test_create_and_modify_indexes(registry: Registry) -> None:
     assert registry.upsert(inst("a", port=81)) is snap  # equal: indexes are not compared
     moved = registry.upsert(inst("a", "api", port=81)).instances["a"]
     assert (moved.create_index, moved.modify_index) == (4, 4)  # a new service: created anew
+
+
+def test_update_checks_is_one_change_and_skips_unknown_ids(registry: Registry) -> None:
+    registry.upsert(checked("a", ("a1", Health.PASSING)), checked("b", ("b1", Health.PASSING)))
+    before = registry.snapshot.index
+    snap = registry.update_checks(
+        {
+            "a1": (Health.CRITICAL, "down"),
+            "b1": (Health.WARNING, None),
+            "gone": (Health.PASSING, ""),
+        }
+    )
+    assert snap.index == before + 1
+    assert snap.instances["a"].health is Health.CRITICAL
+    assert snap.instances["a"].checks[0].output == "down"
+    assert snap.instances["b"].health is Health.WARNING
+    assert registry.update_checks({"gone": (Health.PASSING, "")}) is snap  # nothing to do
