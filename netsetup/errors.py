@@ -50,14 +50,13 @@ class PortError(NetsetupError):
 class PortsExhausted(PortError):
     """No free port left in the dynamic range (Nomad's wording, kept for grep-ability)."""
 
-    def __init__(self, host_ip: str, low: int, high: int, wanted: int) -> None:
+    def __init__(self, host_ip: str, low: int, high: int) -> None:
         super().__init__(
-            f"dynamic port selection failed: no {wanted} free port(s) in {low}-{high} on {host_ip}",
+            f"dynamic port selection failed: no free port left in {low}-{high} on {host_ip}",
             host_ip=host_ip,
         )
         self.low = low
         self.high = high
-        self.wanted = wanted
 
 
 class SubnetExhausted(NetsetupError):
