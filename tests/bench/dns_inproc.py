@@ -37,6 +37,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--dev", action="store_true")
     parser.add_argument("--dns-addr", default="127.0.0.1:0")
     parser.add_argument("--data-dir", default="")  # accepted for CLI parity; unused
+    parser.add_argument("--http-addr", default="")  # accepted for CLI parity; no HTTP here
     parser.add_argument("--config", required=True)
     parser.add_argument(
         "--asyncio", action="store_true", help="plain asyncio loop (default: uvloop, as the agent)"

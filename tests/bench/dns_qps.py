@@ -203,6 +203,7 @@ def run_size(size: int, args: argparse.Namespace, report: Report, workdir: Path)
             check_answers(report, servers, size)
         except Exception as exc:
             report.errors.append(f"N={size} answer check: {type(exc).__name__}: {exc}")
+        rss_start = {kind: server.rss_kib() for kind, server in servers.items()}
         rounds: dict[str, list[Round]] = {kind: [] for kind in servers}
         for n in range(args.rounds):
             for kind, server in servers.items():
@@ -216,7 +217,8 @@ def run_size(size: int, args: argparse.Namespace, report: Report, workdir: Path)
         for kind, done in rounds.items():
             if done:
                 rss = servers[kind].rss_kib()
-                report.measurements.append(plan_measurement(kind, size, done, rss))
+                measured = plan_measurement(kind, size, done, rss, rss_start[kind])
+                report.measurements.append(measured)
 
 
 def run_change(services: int, changes: int, realtime: bool) -> dict[str, Any]:
@@ -272,6 +274,7 @@ def _dump(report: Report, path: str) -> None:
             "lost": [[r.peak.lost, r.paced.lost] for r in m.rounds],
             "rcodes": [r.peak.rcodes for r in m.rounds],
             "rss_kib": m.rss_kib,
+            "rss_start_kib": m.rss_start_kib,
             "commands": [list(m.best_peak.peak.command), list(m.best_paced.paced.command)],
         }
 

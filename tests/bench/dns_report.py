@@ -55,8 +55,9 @@ class Measurement:
     size: int
     best_peak: Round  # highest QPS
     best_paced: Round  # lowest p99
-    rss_kib: int
+    rss_kib: int  # after the runs
     rounds: tuple[Round, ...]
+    rss_start_kib: int = 0  # once it answered, before any load
 
     @property
     def qps(self) -> float:
@@ -72,11 +73,13 @@ class Measurement:
         return percentile(paced_latencies(self.best_paced.paced), pct)
 
 
-def plan_measurement(server: str, size: int, rounds: Sequence[Round], rss_kib: int) -> Measurement:
+def plan_measurement(
+    server: str, size: int, rounds: Sequence[Round], rss_kib: int, rss_start_kib: int
+) -> Measurement:
     """Pick the best full-speed and paced rounds."""
     best_peak = max(rounds, key=lambda r: r.peak.qps)
     best_paced = min(rounds, key=lambda r: percentile(paced_latencies(r.paced), 99))
-    return Measurement(server, size, best_peak, best_paced, rss_kib, tuple(rounds))
+    return Measurement(server, size, best_peak, best_paced, rss_kib, tuple(rounds), rss_start_kib)
 
 
 @dataclass
@@ -118,7 +121,7 @@ ROW_NAMES = (
     f"p99 ms @{PACED_RATE} QPS",
     "p99 ms, all rounds",
     "lost, max/paced",
-    "RSS MiB, after runs",
+    "RSS MiB, start/after",
 )
 QPS_ROW, PER_CPU_ROW, P99_ROW = 0, 3, 5
 
@@ -137,7 +140,7 @@ def _column(m: Measurement | None) -> list[str]:
         render_ms(m.latency(99)),
         all_p99,
         f"{m.best_peak.peak.lost}/{m.best_paced.paced.lost}",
-        f"{m.rss_kib / MIB:.1f}",
+        f"{m.rss_start_kib / MIB:.1f}/{m.rss_kib / MIB:.1f}",
     ]
 
 
@@ -302,4 +305,5 @@ How measured (tool per figure):
   address; time from before the upsert to that reply (SCHED_FIFO unless --realtime off).
 - sample answers: dnspython over UDP without EDNS; answer and additional record sets
   compared with Knot's (order and TTL ignored); order variation over 20 identical queries.
-- RSS: VmRSS from /proc/<pid>/status after the server's last run."""
+- RSS: VmRSS from /proc/<pid>/status once the server answers (start) and after its last
+  run (after); the target applies to "after"."""

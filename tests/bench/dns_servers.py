@@ -267,6 +267,8 @@ def start_waypost(
             "--dev",
             "--dns-addr",
             "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",  # the HTTP API is not measured; port 0 avoids clashes on 4646
             "--data-dir",
             str(data_dir),
             "--config",
