@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import socket
 import sys
 from collections.abc import Sequence
@@ -83,7 +84,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `waypost` console script and `python -m discovery`."""
     args = build_parser().parse_args(argv)
     overrides = Overrides(
-        dev=args.dev, dns_addr=args.dns_addr, http_addr=args.http_addr, data_dir=args.data_dir
+        dev=args.dev,
+        dns_addr=args.dns_addr,
+        http_addr=args.http_addr,
+        data_dir=args.data_dir,
+        # Defaults of the `consul` block, as every Consul client reads them.
+        consul_http_addr=os.environ.get("CONSUL_HTTP_ADDR", ""),
+        consul_http_token=os.environ.get("CONSUL_HTTP_TOKEN", ""),
     )
     paths: list[str] = args.config
     hostname = socket.gethostname()

@@ -102,12 +102,18 @@ class Endpoint:
 
 @dataclass(frozen=True, slots=True)
 class Overrides:
-    """Command-line flags; they win over every config file."""
+    """Command-line flags; they win over every config file.
+
+    Except the environment's CONSUL_HTTP_ADDR / CONSUL_HTTP_TOKEN (read by the
+    CLI), which are defaults of the `consul` block: its own keys win.
+    """
 
     dev: bool = False
     dns_addr: Endpoint | None = None
     http_addr: Endpoint | None = None
     data_dir: str | None = None
+    consul_http_addr: str = ""
+    consul_http_token: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +152,7 @@ class AgentConfig:
     services: tuple[ServiceDefinition, ...] = ()
     files: tuple[str, ...] = ()
     acl: AclSettings = field(default_factory=AclSettings)
+    consul: MirrorSettings | None = None  # the Consul mirror; None: no `consul` block
 
     @property
     def datacenter(self) -> str:
@@ -296,10 +303,102 @@ def _ranged(low: int, high: int) -> Callable[[object, str], int]:
     return lambda value, fieldname: check_int(value, fieldname, low, high)
 
 
+# -- the consul block: the Consul mirror (discovery.mirror) -------------------------
+
+CONSUL_PORT = 8500  # Consul's HTTP port
+CONSUL_SCHEMES = ("http", "https")
+MAX_CONSUL_TOKEN = 256  # Consul's are UUIDs (36 characters)
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorSettings:
+    """`consul { address, token, datacenter, push, pull, services }`.
+
+    Push registers this agent's instances with the Consul agent at `address`
+    (in that agent's datacenter); pull reads `datacenter`'s catalog (the Consul
+    agent's own when ""), every service or only `services`.  A block with
+    just an address (or none: CONSUL_HTTP_ADDR, else 127.0.0.1:8500) does both.
+    """
+
+    host: str = "127.0.0.1"  # an IP literal or a DNS name
+    port: int = CONSUL_PORT
+    scheme: str = "http"
+    token: str = field(default="", repr=False)  # a secret: never in reprs or logs
+    datacenter: str = ""
+    push: bool = True
+    pull: bool = True
+    services: tuple[str, ...] = ()  # pulled services; empty: all of them
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+
+def parse_consul_address(text: str, fieldname: str = "consul.address") -> tuple[str, str, int]:
+    """(scheme, host, port) of "host:port", "[v6]:port", "host", optionally after "http(s)://"."""
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        scheme, rest = "http", text
+    if scheme.lower() not in CONSUL_SCHEMES:
+        raise ValidationError(fieldname, f"{text!r}: the scheme must be http or https")
+    rest = rest.removesuffix("/")
+    if not rest or any(c in rest for c in "/?#@ "):
+        raise ValidationError(fieldname, f"{text!r} is not [http(s)://]HOST[:PORT]")
+    if rest.startswith("["):
+        host, _, tail = rest[1:].partition("]")
+        host = check_address(host, fieldname)
+        port = tail.removeprefix(":") if tail.startswith(":") else tail or str(CONSUL_PORT)
+    else:
+        host, sep, port = rest.rpartition(":")
+        if not sep:
+            host, port = rest, str(CONSUL_PORT)
+        if ":" in host:
+            raise ValidationError(fieldname, f"{text!r}: write an IPv6 host as [addr]:port")
+        if not _is_hostname(host):
+            raise ValidationError(fieldname, f"{text!r}: {host!r} is not an address or host name")
+    if not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ValidationError(fieldname, f"{text!r}: the port must be 1-65535")
+    return scheme.lower(), host, int(port)
+
+
+def _is_hostname(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        name = host.removesuffix(".")
+        return bool(name) and len(name) <= MAX_NAME and all(map(is_label, name.split(".")))
+
+
+def _consul_address(value: object, fieldname: str) -> tuple[str, str, int]:
+    return parse_consul_address(_string(value, fieldname), fieldname)
+
+
+def _consul_token(value: object, fieldname: str) -> str:
+    """A secret: the message never repeats it."""
+    if not isinstance(value, str) or not value:
+        raise ValidationError(fieldname, "must be a non-empty string")
+    if len(value) > MAX_CONSUL_TOKEN or any(ord(c) < 33 for c in value):
+        raise ValidationError(
+            fieldname, f"must be at most {MAX_CONSUL_TOKEN} printable characters, no spaces"
+        )
+    return value
+
+
+def _consul_services(value: object, fieldname: str) -> tuple[str, ...]:
+    names = [check_label(v, f"{fieldname}[{i}]") for i, v in enumerate(_list(value, fieldname))]
+    if len({n.lower() for n in names}) != len(names):
+        raise ValidationError(fieldname, "lists a service twice")
+    return tuple(names)
+
+
 # -- the schema ------------------------------------------------------------------
 
 # Blocks whose keys merge one by one across files (HCL blocks or JSON objects).
-_SECTIONS = frozenset({"ports", "addresses", "dns", "dns.soa", "acl"})
+_SECTIONS = frozenset({"ports", "addresses", "dns", "dns.soa", "acl", "consul"})
+# Sections whose presence alone means something (`consul {}` turns the mirror on).
+_PRESENT = frozenset({"consul"})
 # Every other setting: dotted key -> validator returning the value to keep.
 _SETTINGS: Mapping[str, Callable[[Any, str], object]] = {
     "datacenter": lambda value, fieldname: check_label(value, fieldname).lower(),
@@ -330,6 +429,12 @@ _SETTINGS: Mapping[str, Callable[[Any, str], object]] = {
     "acl.enabled": _bool,
     "acl.default_policy": parse_default_policy,
     "acl.tokens": parse_tokens,
+    "consul.address": _consul_address,
+    "consul.token": _consul_token,
+    "consul.datacenter": lambda value, fieldname: check_label(value, fieldname).lower(),
+    "consul.push": _bool,
+    "consul.pull": _bool,
+    "consul.services": _consul_services,
 }
 # Config keys whose DnsSettings field has another name.
 _DNS_FIELD = {"allow_recursion_from": "recursion_allowed"}
@@ -424,6 +529,8 @@ def _walk(raw: RawFile, obj: Mapping[str, object], where: str, key: str, layer: 
             for sw, svc in _objects(raw, value, w, k):
                 layer.services.append(_parse_service(raw, svc, sw))
         elif k in _SECTIONS:
+            if k in _PRESENT:
+                layer.settings[k] = _Setting(True, raw, w)
             for sw, section in _objects(raw, value, w, k):
                 _walk(raw, section, sw, k, layer)
         elif k in _SETTINGS:
@@ -588,6 +695,7 @@ def parse_config(
         services=tuple(s.definition for s in services),
         files=tuple(raw.path for raw in files),
         acl=_acl_settings(values),
+        consul=_mirror_settings(values, overrides),
     )
 
 
@@ -638,3 +746,36 @@ def _check_unique(services: Sequence[_Service]) -> None:
                     f"{where}.id", f"check id {check.id!r} is already defined at {checks[check.id]}"
                 )
             checks[check.id] = _origin(svc.raw, where)
+
+
+def _mirror_settings(values: Mapping[str, object], overrides: Overrides) -> MirrorSettings | None:
+    """The mirror's settings when there is a `consul` block (None also when push and pull are off).
+
+    The block's address and token win over CONSUL_HTTP_ADDR / CONSUL_HTTP_TOKEN.
+    """
+    if "consul" not in values:
+        return None
+    push, pull = values.get("consul.push", True), values.get("consul.pull", True)
+    if not push and not pull:
+        return None
+    address = values.get("consul.address")
+    if not isinstance(address, tuple):
+        try:
+            address = parse_consul_address(
+                overrides.consul_http_addr or f"127.0.0.1:{CONSUL_PORT}", "CONSUL_HTTP_ADDR"
+            )
+        except ValidationError as err:
+            raise ConfigError("environment", err.message, key=err.field) from None
+    scheme, host, port = address
+    services = values.get("consul.services", ())
+    assert isinstance(services, tuple)
+    return MirrorSettings(
+        host=str(host),
+        port=int(port),
+        scheme=str(scheme),
+        token=str(values.get("consul.token") or overrides.consul_http_token),
+        datacenter=str(values.get("consul.datacenter", "")),
+        push=bool(push),
+        pull=bool(pull),
+        services=services,
+    )
