@@ -10,6 +10,7 @@
     ├── InvalidName               an allocation id / interface / namespace name is unusable
     ├── KernelError               netlink, nft or /proc/sys refused a change
     ├── StateError                <data_dir>/netsetup.db cannot be opened or is corrupt
+    ├── AllocExists               the allocation already holds a reservation
     └── TeardownError             teardown finished but some objects could not be removed
 
 Errors are translated once, at the adapter that meets them (netlink, nft,
@@ -118,6 +119,14 @@ class StateError(NetsetupError):
         super().__init__(f"{path}: {message}")
         self.path = path
         self.message = message
+
+
+class AllocExists(NetsetupError):
+    """The allocation already holds ports / addresses: set up once, release first."""
+
+    def __init__(self, alloc_id: str) -> None:
+        super().__init__(f"allocation {alloc_id} already holds a reservation")
+        self.alloc_id = alloc_id
 
 
 class TeardownError(NetsetupError):

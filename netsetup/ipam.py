@@ -112,3 +112,13 @@ def _parse(text: str) -> IPAddress | None:
         return ipaddress.ip_address(text)
     except ValueError:
         return None
+
+
+def plan_addresses(
+    v4: Pool, v6: Pool | None, leased: Collection[str], last_ip4: str = "", last_ip6: str = ""
+) -> tuple[str, ...]:
+    """One IPv4 lease, plus one IPv6 lease when `v6` is set (the order netsetup.state keeps)."""
+    addresses = [plan_lease(v4, leased, last_ip4)]
+    if v6 is not None:
+        addresses.append(plan_lease(v6, leased, last_ip6))
+    return tuple(addresses)

@@ -24,7 +24,7 @@ ADAPTERS: dict[str, set[str]] = {
     "immutables": {"discovery/registry.py"},  # hcl2's parser: its syntax errors carry the line
     "prometheus_client": {"discovery/metrics.py"},
     "regex": {"discovery/filter.py"},  # `matches` in filters: a regex search with a timeout
-    "sqlite3": {"discovery/store.py"},
+    "sqlite3": {"discovery/store.py", "netsetup/state.py"},
 }
 
 
