@@ -246,8 +246,10 @@ def probe_static_port(host_ip: str, port: int) -> bool:
     """Like :func:`probe_port_free`, with SO_REUSEADDR on: ignores TIME_WAIT.
 
     For static ports, which cannot be skipped: the allocation's own previous
-    connections lingering in TIME_WAIT must not block its restart, but another
-    process listening or bound there must.
+    connections lingering in TIME_WAIT must not block its restart (Linux lets
+    the bind through when those sockets had SO_REUSEADDR too, as servers set
+    it: Go's net.Listen, nginx, asyncio), but another process listening or
+    bound there must.
     """
     return _probe(host_ip, port, reuse_addr=True)
 
