@@ -1,0 +1,201 @@
+"""Throwaway namespaces for the firewall and access-scope tests.  Adapter (`ip`, `nft`).
+
+Every namespace is named with the run prefix (``wpt<6 hex>-``) and deleted by the
+fixture that made it, and again by :func:`sweep` at the end of the module, even
+when a test fails.  Interfaces are created directly inside those namespaces, so
+nothing in the machine's own namespace changes.  Servers run as
+``ip netns exec NS python access_agent.py serve ...`` children; each one is
+stopped by closing its stdin and, if that does not end it, killed by its pid.
+
+The addresses are the documentation range 198.51.100.0/24 between the host and
+the external namespace, and the bridge subnet inside the host namespace: every
+packet stays inside these namespaces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+RUN_PREFIX = f"wpt{secrets.token_hex(3)}-"
+AGENT = str(Path(__file__).with_name("access_agent.py"))
+HOST_IP = "198.51.100.1"  # the host's address on its link to the external namespace
+EXTERNAL_IP = "198.51.100.2"
+LINK_PREFIX = 24
+COMMAND_TIMEOUT = 20.0
+SKIP_REASON = "needs root (network namespaces, nftables)"
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0
+
+
+def sh(
+    *argv: str, check: bool = True, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run a command (bounded in time); CalledProcessError with its stderr when it fails."""
+    done = subprocess.run(
+        argv, input=stdin, capture_output=True, text=True, timeout=COMMAND_TIMEOUT, check=False
+    )
+    if check and done.returncode != 0:
+        raise AssertionError(f"{' '.join(argv)} failed ({done.returncode}): {done.stderr}")
+    return done
+
+
+def nft_in(ns: str) -> tuple[str, ...]:
+    """The command that runs nft inside `ns` (Firewall's nft_command)."""
+    return ("ip", "netns", "exec", ns, "nft")
+
+
+def nft_json(ns: str, *words: str) -> dict[str, Any]:
+    doc = json.loads(sh(*nft_in(ns), "-j", *words).stdout)
+    assert isinstance(doc, dict)
+    return doc
+
+
+def sweep() -> list[str]:
+    """Delete every namespace of this run that is still there; their names."""
+    names = [line.split()[0] for line in sh("ip", "netns", "list").stdout.splitlines() if line]
+    left = [n for n in names if n.startswith(RUN_PREFIX)]
+    for name in left:
+        sh("ip", "netns", "del", name, check=False)
+    return left
+
+
+@dataclass
+class Namespaces:
+    """Namespaces made by one test, deleted by :meth:`close` (always called)."""
+
+    tag: str
+    made: list[str] = field(default_factory=list)
+
+    def add(self, role: str) -> str:
+        name = f"{RUN_PREFIX}{self.tag}-{role}"
+        sh("ip", "netns", "add", name)
+        self.made.append(name)
+        sh("ip", "-n", name, "link", "set", "lo", "up")
+        return name
+
+    def close(self) -> None:
+        for name in reversed(self.made):
+            sh("ip", "netns", "del", name, check=False)
+        self.made.clear()
+
+
+def sysctl(ns: str, key: str, value: str) -> None:
+    path = Path("/proc/sys") / key.replace(".", "/")
+    sh("ip", "netns", "exec", ns, "sh", "-c", f"echo {value} > {path}")
+
+
+def has_br_netfilter(ns: str) -> bool:
+    """Whether br_netfilter's knobs exist in `ns` (never modprobe: that would change
+    the machine's own namespace, where bridge-nf-call-iptables defaults to 1)."""
+    done = sh("ip", "netns", "exec", ns, "test", "-e", "/proc/sys/net/bridge", check=False)
+    return done.returncode == 0
+
+
+def iptables_nft() -> str | None:
+    """The iptables-nft binary, when installed (it writes `table ip filter`)."""
+    found = shutil.which("iptables-nft") or shutil.which("iptables-nft", path="/usr/sbin:/sbin")
+    return found
+
+
+def set_forward_drop(ns: str) -> str:
+    """FORWARD policy DROP in `ns` the way Docker does it: with iptables-nft when it is
+    installed, else the same chain written with nft.  Which one was used."""
+    tool = iptables_nft()
+    if tool is not None:
+        sh("ip", "netns", "exec", ns, tool, "-P", "FORWARD", "DROP")
+        return "iptables-nft"
+    script = (
+        "add table ip filter\n"
+        "add chain ip filter FORWARD { type filter hook forward priority filter ; policy drop ; }\n"
+    )
+    sh(*nft_in(ns), "-f", "-", stdin=script)
+    return "nft"
+
+
+@dataclass
+class Server:
+    """An access_agent server in a namespace."""
+
+    ns: str
+    proc: asyncio.subprocess.Process
+
+    async def close(self) -> None:
+        if self.proc.returncode is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            try:
+                async with asyncio.timeout(5.0):
+                    await self.proc.wait()
+            except TimeoutError:
+                self.proc.kill()  # our own child, by its pid
+                await self.proc.wait()
+
+
+async def start_server(ns: str, name: str, listeners: Sequence[str]) -> Server:
+    """Serve `listeners` ("ADDR:PORT/tcp|udp") in `ns`; returns once they are bound."""
+    proc = await asyncio.create_subprocess_exec(
+        "ip",
+        "netns",
+        "exec",
+        ns,
+        sys.executable,
+        AGENT,
+        "serve",
+        name,
+        *listeners,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    server = Server(ns, proc)
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        async with asyncio.timeout(COMMAND_TIMEOUT):
+            line = await proc.stdout.readline()
+        if line.strip() != b"READY":
+            err = await proc.stderr.read()
+            raise AssertionError(f"server {name} in {ns} did not start: {line!r} {err!r}")
+    except BaseException:
+        await server.close()
+        raise
+    return server
+
+
+async def probe(ns: str, probes: Sequence[tuple[str, str, int]], wait: float = 1.0) -> list[str]:
+    """Run `probes` ((proto, host, port)) concurrently from `ns`: each answer's text
+    ("NAME PEER-IP") or "" when nothing answered."""
+    proc = await asyncio.create_subprocess_exec(
+        "ip",
+        "netns",
+        "exec",
+        ns,
+        sys.executable,
+        AGENT,
+        "probe",
+        str(wait),
+        json.dumps([list(p) for p in probes]),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(COMMAND_TIMEOUT):
+            out, err = await proc.communicate()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode == 0, err.decode()
+    results = json.loads(out)
+    return [r["reply"] if r["ok"] else "" for r in results]
