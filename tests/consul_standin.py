@@ -481,8 +481,8 @@ class Catalog:
         self.tables = {"nodes": 0, "services": 0, "checks": 0}
         self.service_index: dict[str, int] = {}
         self.generation = 0  # bumped by reset(): blocked queries return at once
+        self.parked = 0  # blocking queries waiting right now
         self._changed = asyncio.Event()
-        self.on_ttl_expired: Callable[[CheckEntry], None] | None = None
 
     def commit(self, change: Change) -> int:
         self.index += 1
@@ -695,11 +695,14 @@ class Catalog:
             if remaining <= 0:
                 return index
             changed = self._changed
+            self.parked += 1
             try:
                 async with asyncio.timeout(remaining):
                     await changed.wait()
             except TimeoutError:
                 pass
+            finally:
+                self.parked -= 1
 
 
 # -- renderers: Consul's JSON shapes --------------------------------------------------------
@@ -919,6 +922,11 @@ class ConsulStandin:
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    @property
+    def blocked(self) -> int:
+        """How many blocking queries are parked right now (for tests to wait on)."""
+        return self.catalog.parked
 
     @property
     def index(self) -> int:
