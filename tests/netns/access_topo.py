@@ -199,3 +199,79 @@ async def probe(ns: str, probes: Sequence[tuple[str, str, int]], wait: float = 1
     assert proc.returncode == 0, err.decode()
     results = json.loads(out)
     return [r["reply"] if r["ok"] else "" for r in results]
+
+
+# --- a hand-built host: bridge, allocations, external peer ------------------------------
+
+BRIDGE = "nomad"
+GATEWAY = "172.26.64.1"
+BRIDGE_PREFIX = 20
+
+
+@dataclass(frozen=True)
+class Topology:
+    """A host namespace with a bridge, allocation namespaces on it, an external peer."""
+
+    host: str
+    external: str
+    allocs: dict[str, str]  # role -> namespace
+    alloc_ips: dict[str, str]  # role -> address on the bridge
+
+
+def build_topology(spaces: Namespaces, roles: Sequence[str], *, br_netfilter: bool) -> Topology:
+    """What links.py makes, by hand with `ip`: the external peer routes the bridge
+    subnet via the host, so "not reachable from outside" is the firewall's doing."""
+    host, external = spaces.add("h"), spaces.add("e")
+    sh(
+        "ip",
+        "-n",
+        host,
+        "link",
+        "add",
+        "x0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        external,
+    )
+    sh("ip", "-n", host, "addr", "add", f"{HOST_IP}/{LINK_PREFIX}", "dev", "x0")
+    sh("ip", "-n", host, "link", "set", "x0", "up")
+    sh("ip", "-n", external, "addr", "add", f"{EXTERNAL_IP}/{LINK_PREFIX}", "dev", "eth0")
+    sh("ip", "-n", external, "link", "set", "eth0", "up")
+    sh("ip", "-n", external, "route", "add", "default", "via", HOST_IP)
+    sh("ip", "-n", host, "link", "add", BRIDGE, "type", "bridge")
+    sh("ip", "-n", host, "addr", "add", f"{GATEWAY}/{BRIDGE_PREFIX}", "dev", BRIDGE)
+    sh("ip", "-n", host, "link", "set", BRIDGE, "up")
+    sysctl(host, "net.ipv4.ip_forward", "1")
+    sysctl(host, f"net.ipv4.conf.{BRIDGE}.route_localnet", "1")
+    if has_br_netfilter(host):
+        sysctl(host, "net.bridge.bridge-nf-call-iptables", "1" if br_netfilter else "0")
+    allocs, ips = {}, {}
+    for i, role in enumerate(roles):
+        ns, ip, port = spaces.add(role), f"172.26.64.{i + 2}", f"v{i}"
+        sh(
+            "ip",
+            "-n",
+            host,
+            "link",
+            "add",
+            port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns,
+        )
+        sh("ip", "-n", host, "link", "set", port, "master", BRIDGE)
+        sh("ip", "-n", host, "link", "set", port, "type", "bridge_slave", "hairpin", "on")
+        sh("ip", "-n", host, "link", "set", port, "up")
+        sh("ip", "-n", ns, "addr", "add", f"{ip}/{BRIDGE_PREFIX}", "dev", "eth0")
+        sh("ip", "-n", ns, "link", "set", "eth0", "up")
+        sh("ip", "-n", ns, "route", "add", "default", "via", GATEWAY)
+        allocs[role], ips[role] = ns, ip
+    return Topology(host, external, allocs, ips)

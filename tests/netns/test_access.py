@@ -1,0 +1,214 @@
+"""The access scopes of Nomad's bridge mode, with real TCP and UDP, in throwaway namespaces.
+
+A host namespace with the `nomad` bridge, two allocations ("a" serves, "b" is a
+neighbour) and an external peer that routes the bridge subnet through the host.
+Allocation "a" serves on three kinds of address:
+
+    127.0.0.1:9090   loopback        -> only inside the allocation
+    0.0.0.0:7070     no forwarding   -> from the host (and the allocations on its
+                                        bridge) via the alloc IP; never from outside
+    0.0.0.0:8080     forwarded from HOST_IP:20000 -> from outside, from the host via
+                                        HOST_IP and 127.0.0.1, from another allocation
+                                        and from itself (hairpin) via HOST_IP:20000
+
+plus egress from the allocation to the external peer.  Every case runs for TCP and
+UDP, with br_netfilter on and off, and with the host's FORWARD policy ACCEPT and DROP.
+Each answer names the server and the source address it saw, which checks the
+masquerading too (hairpin and 127.0.0.1 come from the gateway, outside clients keep
+their address, egress leaves as the host).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Iterator
+
+import pytest
+
+from netsetup.firewall import Firewall
+from netsetup.spec import AllocNetwork, NetConfig, PortMapping
+from tests.netns.access_topo import (
+    EXTERNAL_IP,
+    GATEWAY,
+    HOST_IP,
+    SKIP_REASON,
+    Namespaces,
+    Server,
+    Topology,
+    build_topology,
+    has_br_netfilter,
+    is_root,
+    nft_in,
+    probe,
+    set_forward_drop,
+    start_server,
+    sweep,
+)
+
+pytestmark = [pytest.mark.root, pytest.mark.skipif(not is_root(), reason=SKIP_REASON)]
+
+_TAGS = itertools.count()
+HOST_PORT = 20000
+FORWARDED, UNFORWARDED, LOOPBACK, EXTERNAL_PORT = 8080, 7070, 9090, 5353
+A_IP, B_IP = "172.26.64.2", "172.26.64.3"
+BOTH = ("tcp", "udp")
+
+# (from, host, port, expected answer or "" for none) — each for TCP and UDP
+SCOPES: list[tuple[str, str, int, str]] = [
+    # loopback: only inside the allocation
+    ("a", "127.0.0.1", LOOPBACK, "A 127.0.0.1"),
+    ("host", A_IP, LOOPBACK, ""),
+    ("b", A_IP, LOOPBACK, ""),
+    ("external", A_IP, LOOPBACK, ""),
+    # 0.0.0.0 without forwarding: the host and its bridge, not outside
+    ("host", A_IP, UNFORWARDED, f"A {GATEWAY}"),
+    ("b", A_IP, UNFORWARDED, f"A {B_IP}"),
+    ("external", A_IP, UNFORWARDED, ""),
+    ("external", HOST_IP, UNFORWARDED, ""),
+    ("external", HOST_IP, FORWARDED, ""),  # the alloc port is not a host port
+    # forwarded: from everywhere through the host port
+    ("external", HOST_IP, HOST_PORT, f"A {EXTERNAL_IP}"),
+    ("host", HOST_IP, HOST_PORT, f"A {HOST_IP}"),
+    ("host", "127.0.0.1", HOST_PORT, f"A {GATEWAY}"),
+    ("b", HOST_IP, HOST_PORT, f"A {GATEWAY}"),
+    ("a", HOST_IP, HOST_PORT, f"A {GATEWAY}"),  # hairpin
+    # egress
+    ("a", EXTERNAL_IP, EXTERNAL_PORT, f"E {HOST_IP}"),
+    ("b", EXTERNAL_IP, EXTERNAL_PORT, f"E {HOST_IP}"),
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_namespace_left() -> Iterator[None]:
+    yield
+    assert sweep() == [], "namespaces of this run were left behind"
+
+
+@pytest.fixture
+def spaces() -> Iterator[Namespaces]:
+    made = Namespaces(f"s{next(_TAGS)}")
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+def alloc_a() -> AllocNetwork:
+    return AllocNetwork(
+        alloc_id="alloc-a",
+        mode="bridge",
+        host_ip=HOST_IP,
+        ports=(PortMapping("http", HOST_IP, HOST_PORT, FORWARDED),),
+        alloc_ip=A_IP,
+    )
+
+
+def listeners(spec: list[tuple[str, int]]) -> list[str]:
+    return [f"{host}:{port}/{proto}" for host, port in spec for proto in BOTH]
+
+
+async def start_servers(topo: Topology) -> list[Server]:
+    servers = []
+    try:
+        servers.append(
+            await start_server(
+                topo.allocs["a"],
+                "A",
+                listeners(
+                    [("127.0.0.1", LOOPBACK), ("0.0.0.0", UNFORWARDED), ("0.0.0.0", FORWARDED)]
+                ),
+            )
+        )
+        servers.append(
+            await start_server(topo.external, "E", listeners([("0.0.0.0", EXTERNAL_PORT)]))
+        )
+    except BaseException:
+        await asyncio.gather(*(s.close() for s in servers))
+        raise
+    return servers
+
+
+async def observe(topo: Topology, cases: list[tuple[str, str, int, str]]) -> dict[str, str]:
+    """Run every case for TCP and UDP, grouped per client namespace, concurrently."""
+    where = {"host": topo.host, "external": topo.external, **topo.allocs}
+    groups: dict[str, list[tuple[str, str, int]]] = {}
+    for origin, host, port, _ in cases:
+        for proto in BOTH:
+            groups.setdefault(origin, []).append((proto, host, port))
+    answers = await asyncio.gather(*(probe(where[o], probes) for o, probes in groups.items()))
+    seen = {}
+    for (origin, probes), replies in zip(groups.items(), answers, strict=True):
+        for (proto, host, port), reply in zip(probes, replies, strict=True):
+            seen[f"{proto} {origin} -> {host}:{port}"] = reply
+    return seen
+
+
+def expected(cases: list[tuple[str, str, int, str]]) -> dict[str, str]:
+    return {
+        f"{proto} {origin} -> {host}:{port}": answer
+        for origin, host, port, answer in cases
+        for proto in BOTH
+    }
+
+
+@pytest.mark.parametrize(
+    ("forward_policy", "br_netfilter"),
+    [("accept", False), ("accept", True), ("drop", True), ("drop", False)],
+)
+async def test_access_scopes(spaces: Namespaces, forward_policy: str, br_netfilter: bool) -> None:
+    topo = build_topology(spaces, ["a", "b"], br_netfilter=br_netfilter)
+    if br_netfilter and not has_br_netfilter(topo.host):
+        pytest.skip("br_netfilter is not available in this kernel (no /proc/sys/net/bridge)")
+    if forward_policy == "drop":
+        set_forward_drop(topo.host)  # Docker was there first
+    fw = Firewall(NetConfig(), nft_command=nft_in(topo.host))
+    await fw.ensure_base()
+    await fw.add_alloc(alloc_a())
+    servers = await start_servers(topo)
+    try:
+        assert await observe(topo, SCOPES) == expected(SCOPES)
+    finally:
+        await asyncio.gather(*(s.close() for s in servers))
+
+
+async def test_forward_drop_set_after_start_needs_ensure_base(spaces: Namespaces) -> None:
+    """Docker started after waypost: forwarding breaks until ensure_base runs again
+    (reconcile does), then works: the accept rules are re-inserted on top."""
+    topo = build_topology(spaces, ["a", "b"], br_netfilter=True)
+    fw = Firewall(NetConfig(), nft_command=nft_in(topo.host))
+    await fw.ensure_base()
+    await fw.add_alloc(alloc_a())
+    cases = [
+        ("external", HOST_IP, HOST_PORT, f"A {EXTERNAL_IP}"),
+        ("a", EXTERNAL_IP, EXTERNAL_PORT, f"E {HOST_IP}"),
+    ]
+    servers = await start_servers(topo)
+    try:
+        assert await observe(topo, cases) == expected(cases)
+        set_forward_drop(topo.host)
+        blocked = [(o, h, p, "") for o, h, p, _ in cases]
+        assert await observe(topo, blocked) == expected(blocked)
+        await fw.ensure_base()
+        assert await observe(topo, cases) == expected(cases)
+    finally:
+        await asyncio.gather(*(s.close() for s in servers))
+
+
+async def test_removed_forward_is_gone_everywhere(spaces: Namespaces) -> None:
+    topo = build_topology(spaces, ["a", "b"], br_netfilter=True)
+    fw = Firewall(NetConfig(), nft_command=nft_in(topo.host))
+    await fw.ensure_base()
+    await fw.add_alloc(alloc_a())
+    forwarded = [case for case in SCOPES if case[2] == HOST_PORT]
+    servers = await start_servers(topo)
+    try:
+        assert await observe(topo, forwarded) == expected(forwarded)
+        await fw.remove_alloc(alloc_a())
+        gone = [(o, h, p, "") for o, h, p, _ in forwarded]
+        assert await observe(topo, gone) == expected(gone)
+        # the scopes that never needed forwarding are unchanged
+        direct = [case for case in SCOPES if case[2] in (UNFORWARDED, LOOPBACK, EXTERNAL_PORT)]
+        assert await observe(topo, direct) == expected(direct)
+    finally:
+        await asyncio.gather(*(s.close() for s in servers))
