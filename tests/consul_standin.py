@@ -34,7 +34,8 @@ What it does, as Consul does:
   ``?index=N&wait=D`` (default 5m, max 10m, plus up to wait/16 jitter) until the
   index of the data they read goes above N, or the wait ends.  :meth:`reset_index`
   is a restore from an older snapshot: every index drops to 1 and blocked queries
-  return at once with the lower index.
+  return at once with the lower index (a later query still carrying the old, higher
+  index blocks until its wait ends, as in Consul: the client must reset to 0).
 - ACLs (``acl_tokens``): a request without a token (``X-Consul-Token``, ``?token=``
   or ``Authorization: Bearer``) gets 403 "Permission denied", an unknown token 403
   "ACL not found"; ``/v1/status/*`` needs none.  Errors are text/plain, as Consul's.
@@ -52,6 +53,12 @@ Fault switches for tests: ``fail_status`` (every request answers that status),
 ``delay`` (seconds before every answer), :meth:`stop_listening` / :meth:`resume`
 (the listening socket and every connection really close: clients get connection
 refused; resume listens on the same port), ``requests`` (the (method, path) log).
+For assertions, without HTTP: :meth:`agent_services`, :meth:`checks`, ``index``,
+``blocked`` (blocking queries parked now); other nodes: :meth:`register_foreign`,
+:meth:`deregister_foreign`, :meth:`set_check_status` (e.g. a node's serfHealth)::
+
+    async with ConsulStandin() as consul:      # or: await start(); ...; await close()
+        ...  # point the client at consul.url
 """
 
 from __future__ import annotations

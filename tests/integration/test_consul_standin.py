@@ -20,6 +20,7 @@ import consul
 import consul.aio
 import pytest
 from consul.exceptions import ACLPermissionDenied, BadRequest
+from multidict import CIMultiDictProxy
 
 from tests.consul_standin import ConsulStandin, parse_go_duration
 
@@ -83,7 +84,7 @@ async def put(
 
 async def get(
     http: aiohttp.ClientSession, server: ConsulStandin, path: str
-) -> tuple[int, Any, aiohttp.typedefs.LooseHeaders]:
+) -> tuple[int, Any, CIMultiDictProxy[str]]:
     async with http.get(server.url + path) as response:
         is_json = response.content_type == "application/json"
         body = await response.json() if is_json else await response.text()
@@ -150,9 +151,9 @@ async def test_keys_decode_case_insensitively_and_unknown_fields_are_refused(
         ({"Name": "x", "Meta": {"consul-x": "1"}}, "Invalid Service Meta"),
         ({"Name": "x", "Weights": {"Passing": 0, "Warning": 1}}, "Invalid Weights"),
     ]
-    for body, reason in cases:
-        status, text = await put(http, standin, "/v1/agent/service/register", body)
-        assert (status, reason in text) == (400, True), (body, text)
+    for bad, reason in cases:
+        status, text = await put(http, standin, "/v1/agent/service/register", bad)
+        assert (status, reason in text) == (400, True), (bad, text)
     assert set(standin.agent_services()) == {"web"}  # nothing half-applied
 
 
@@ -188,10 +189,10 @@ async def test_check_ids_initial_status_and_re_registration(
 
 async def test_ttl_updates_and_expiry(standin: ConsulStandin, http: aiohttp.ClientSession) -> None:
     await put(http, standin, "/v1/agent/service/register", WEB | {"Check": {"TTL": "150ms"}})
-    for verb, status in (("pass", "passing"), ("warn", "warning"), ("fail", "critical")):
+    for verb, expected in (("pass", "passing"), ("warn", "warning"), ("fail", "critical")):
         assert (await put(http, standin, f"/v1/agent/check/{verb}/service:web-1?note=n"))[0] == 200
         check = standin.checks()["service:web-1"]
-        assert (check["Status"], check["Output"]) == (status, "n")
+        assert (check["Status"], check["Output"]) == (expected, "n")
     update = {"Status": "passing", "Output": "all good"}
     assert (await put(http, standin, "/v1/agent/check/update/service:web-1", update))[0] == 200
     assert standin.checks()["service:web-1"]["Status"] == "passing"
@@ -277,6 +278,30 @@ async def test_datacenters_filters_and_status(
     _, agent, _ = await get(http, standin, "/v1/agent/self")
     assert (agent["Config"]["Datacenter"], agent["Config"]["NodeName"]) == ("dc1", "consul-1")
     assert (await get(http, standin, "/v1/health/state/bogus"))[:2] == (400, "Bad check state")
+
+
+async def test_foreign_nodes_and_their_health(
+    standin: ConsulStandin, http: aiohttp.ClientSession
+) -> None:
+    standin.register_foreign({"Name": "api", "ID": "api-7", "Check": {"Status": "passing"}}, "n2")
+    assert standin.agent_services() == {}  # another node's agent owns it
+    _, _, headers = await get(http, standin, "/v1/health/service/api?passing")
+    index = int(headers["X-Consul-Index"])
+    path = f"/v1/health/service/api?passing&index={index}&wait=3s"
+    watch = asyncio.create_task(get(http, standin, path))
+    await until(lambda: standin.blocked == 1)
+
+    standin.set_check_status("serfHealth", "critical", node="n2")  # the node has failed
+    async with asyncio.timeout(1.0):
+        _, entries, headers = await watch  # a node check is every one of its services' data
+    assert entries == [] and int(headers["X-Consul-Index"]) > index
+
+    standin.deregister_foreign("api-7", "n2")
+    assert (await get(http, standin, "/v1/catalog/service/api"))[1] == []
+    with pytest.raises(ValueError, match="own node"):
+        standin.register_foreign({"Name": "x"}, standin.node)
+    with pytest.raises(ValueError, match="unknown field"):
+        standin.register_foreign({"Name": "x", "Bogus": 1})
 
 
 # -- blocking queries -----------------------------------------------------------------------
