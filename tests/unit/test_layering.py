@@ -23,6 +23,7 @@ ADAPTERS: dict[str, set[str]] = {
     "lark": {"discovery/hclfile.py"},
     "immutables": {"discovery/registry.py"},  # hcl2's parser: its syntax errors carry the line
     "prometheus_client": {"discovery/metrics.py"},
+    "pyroute2": {"netsetup/links.py"},  # hostaddr and network reach netlink through links
     "regex": {"discovery/filter.py"},  # `matches` in filters: a regex search with a timeout
     "sqlite3": {"discovery/store.py", "netsetup/state.py"},
 }
