@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -42,9 +43,13 @@ from tests.netns.access_topo import (
     nft_in,
     probe,
     set_forward_drop,
+    sh,
     start_server,
     sweep,
+    sysctl,
 )
+from tests.netns.conftest import Driver
+from tests.netns.conftest import Topology as HostTopology
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(not is_root(), reason=SKIP_REASON)]
 
@@ -54,29 +59,36 @@ FORWARDED, UNFORWARDED, LOOPBACK, EXTERNAL_PORT = 8080, 7070, 9090, 5353
 A_IP, B_IP = "172.26.64.2", "172.26.64.3"
 BOTH = ("tcp", "udp")
 
-# (from, host, port, expected answer or "" for none) — each for TCP and UDP
-SCOPES: list[tuple[str, str, int, str]] = [
-    # loopback: only inside the allocation
-    ("a", "127.0.0.1", LOOPBACK, "A 127.0.0.1"),
-    ("host", A_IP, LOOPBACK, ""),
-    ("b", A_IP, LOOPBACK, ""),
-    ("external", A_IP, LOOPBACK, ""),
-    # 0.0.0.0 without forwarding: the host and its bridge, not outside
-    ("host", A_IP, UNFORWARDED, f"A {GATEWAY}"),
-    ("b", A_IP, UNFORWARDED, f"A {B_IP}"),
-    ("external", A_IP, UNFORWARDED, ""),
-    ("external", HOST_IP, UNFORWARDED, ""),
-    ("external", HOST_IP, FORWARDED, ""),  # the alloc port is not a host port
-    # forwarded: from everywhere through the host port
-    ("external", HOST_IP, HOST_PORT, f"A {EXTERNAL_IP}"),
-    ("host", HOST_IP, HOST_PORT, f"A {HOST_IP}"),
-    ("host", "127.0.0.1", HOST_PORT, f"A {GATEWAY}"),
-    ("b", HOST_IP, HOST_PORT, f"A {GATEWAY}"),
-    ("a", HOST_IP, HOST_PORT, f"A {GATEWAY}"),  # hairpin
-    # egress
-    ("a", EXTERNAL_IP, EXTERNAL_PORT, f"E {HOST_IP}"),
-    ("b", EXTERNAL_IP, EXTERNAL_PORT, f"E {HOST_IP}"),
-]
+Case = tuple[str, str, int, str]  # (from, host, port, expected answer or "" for none)
+
+
+def scopes(host_ip: str, external_ip: str, a_ip: str, b_ip: str, host_port: int) -> list[Case]:
+    """Every access case of allocation "a" (each runs for TCP and UDP)."""
+    return [
+        # loopback: only inside the allocation
+        ("a", "127.0.0.1", LOOPBACK, "A 127.0.0.1"),
+        ("host", a_ip, LOOPBACK, ""),
+        ("b", a_ip, LOOPBACK, ""),
+        ("external", a_ip, LOOPBACK, ""),
+        # 0.0.0.0 without forwarding: the host and its bridge, not outside
+        ("host", a_ip, UNFORWARDED, f"A {GATEWAY}"),
+        ("b", a_ip, UNFORWARDED, f"A {b_ip}"),
+        ("external", a_ip, UNFORWARDED, ""),
+        ("external", host_ip, UNFORWARDED, ""),
+        ("external", host_ip, FORWARDED, ""),  # the alloc port is not a host port
+        # forwarded: from everywhere through the host port
+        ("external", host_ip, host_port, f"A {external_ip}"),
+        ("host", host_ip, host_port, f"A {host_ip}"),
+        ("host", "127.0.0.1", host_port, f"A {GATEWAY}"),
+        ("b", host_ip, host_port, f"A {GATEWAY}"),
+        ("a", host_ip, host_port, f"A {GATEWAY}"),  # hairpin
+        # egress
+        ("a", external_ip, EXTERNAL_PORT, f"E {host_ip}"),
+        ("b", external_ip, EXTERNAL_PORT, f"E {host_ip}"),
+    ]
+
+
+SCOPES = scopes(HOST_IP, EXTERNAL_IP, A_IP, B_IP, HOST_PORT)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -129,7 +141,7 @@ async def start_servers(topo: Topology) -> list[Server]:
     return servers
 
 
-async def observe(topo: Topology, cases: list[tuple[str, str, int, str]]) -> dict[str, str]:
+async def observe(topo: Topology, cases: list[Case]) -> dict[str, str]:
     """Run every case for TCP and UDP, grouped per client namespace, concurrently."""
     where = {"host": topo.host, "external": topo.external, **topo.allocs}
     groups: dict[str, list[tuple[str, str, int]]] = {}
@@ -144,7 +156,7 @@ async def observe(topo: Topology, cases: list[tuple[str, str, int, str]]) -> dic
     return seen
 
 
-def expected(cases: list[tuple[str, str, int, str]]) -> dict[str, str]:
+def expected(cases: list[Case]) -> dict[str, str]:
     return {
         f"{proto} {origin} -> {host}:{port}": answer
         for origin, host, port, answer in cases
@@ -210,5 +222,64 @@ async def test_removed_forward_is_gone_everywhere(spaces: Namespaces) -> None:
         # the scopes that never needed forwarding are unchanged
         direct = [case for case in SCOPES if case[2] in (UNFORWARDED, LOOPBACK, EXTERNAL_PORT)]
         assert await observe(topo, direct) == expected(direct)
+    finally:
+        await asyncio.gather(*(s.close() for s in servers))
+
+
+# --- the same scopes through NetworkManager (tests/netns/driver.py) ---------------------
+
+
+@pytest.mark.parametrize(
+    ("forward_policy", "br_netfilter"),
+    [("accept", False), ("accept", True), ("drop", True), ("drop", False)],
+)
+async def test_access_scopes_through_network_manager(
+    topology: HostTopology,
+    start_driver: Callable[..., Driver],
+    forward_policy: str,
+    br_netfilter: bool,
+) -> None:
+    """What `NetworkManager.setup` builds (links, sysctls, firewall) gives every scope."""
+    host = topology.host
+    if not has_br_netfilter(host):
+        if br_netfilter:
+            pytest.skip("br_netfilter is not available in this kernel (no /proc/sys/net/bridge)")
+    else:
+        sysctl(host, "net.bridge.bridge-nf-call-iptables", "1" if br_netfilter else "0")
+    if forward_policy == "drop":
+        set_forward_drop(host)  # Docker was there before waypost
+    # the external peer can route to the bridge subnet: "not from outside" is the firewall
+    sh("ip", "-n", topology.external, "route", "add", "172.26.64.0/20", "via", topology.host_ip)
+    driver = start_driver(topology, {"bridge_nf_call_iptables": br_netfilter})
+    port = {"label": "http", "to": FORWARDED}
+    results: dict[str, Any] = {
+        role: driver.setup(topology.alloc_id(role), ports=[port] if role == "a" else [])
+        for role in ("a", "b")
+    }
+    topo = Topology(
+        host,
+        topology.external,
+        {role: r["alloc_id"] for role, r in results.items()},
+        {role: r["alloc_ip"] for role, r in results.items()},
+    )
+    [mapping] = results["a"]["ports"]
+    assert mapping["host_ip"] == topology.host_ip
+    cases = scopes(
+        topology.host_ip,
+        topology.external_ip,
+        topo.alloc_ips["a"],
+        topo.alloc_ips["b"],
+        mapping["host_port"],
+    )
+    servers = await start_servers(topo)
+    try:
+        assert await observe(topo, cases) == expected(cases)
+        driver.call("teardown", alloc=topo.allocs["a"])
+        still = [("b", topology.external_ip, EXTERNAL_PORT, f"E {topology.host_ip}")]
+        gone = [
+            ("external", topology.host_ip, mapping["host_port"], ""),
+            ("host", "127.0.0.1", mapping["host_port"], ""),
+        ]
+        assert await observe(topo, still + gone) == expected(still + gone)
     finally:
         await asyncio.gather(*(s.close() for s in servers))
