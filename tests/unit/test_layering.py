@@ -18,6 +18,7 @@ PACKAGES = ("discovery", "netsetup")
 # library -> the only modules (paths relative to the repository) allowed to import it
 ADAPTERS: dict[str, set[str]] = {
     "aiohttp": {"discovery/httpapi.py"},
+    "consul": {"discovery/mirror.py"},  # py-consul's asyncio client
     "dnslib": {"discovery/dns/codec.py"},
     "hcl2": {"discovery/hclfile.py"},
     "lark": {"discovery/hclfile.py"},

@@ -1,0 +1,957 @@
+"""The Consul mirror: push this agent's instances into Consul, pull the others' back.
+
+Adapter: the only module that imports `consul` (py-consul's asyncio client).
+The functions at the top (``plan_*``, ``parse_*``, ``render_*``) are pure;
+:func:`start_mirror` starts a push loop and a pull loop on the agent's event
+loop and returns the :class:`Mirror` that owns them.
+
+Push (local -> Consul), through the Consul agent's API (DESIGN.md: the agent's
+anti-entropy drops catalog entries on its node that it does not know):
+
+- Each instance with source config, api or job is the Consul service
+  ``_waypost-<node>-<instance id>``: its name, tags, address, port, weights and
+  meta plus ``external-source = "waypost"`` and ``waypost-node = <node>``, and
+  one TTL check ``<that id>:health`` whose status is the instance's health.
+  The TTL (5m) matters only if this agent dies: its entries then turn critical.
+- A sync compares what we want with what Consul has of ours and writes only the
+  difference (register, TTL update, deregister), a few requests at a time.
+  "Ours" is strict, ID prefix ``_waypost-<node>-`` AND meta waypost-node ==
+  node: agents sharing a Consul agent never touch each other's entries (Nomad
+  issue 9916), and nothing else is ever deregistered.
+- Consul is read in full (GET /v1/agent/services and /v1/agent/checks: two
+  requests whatever the size) at start, every 30 s (anti-entropy) and after
+  any error.  In between, a registry change is compared with that read plus
+  our own successful writes, so a change costs its writes only.  Changes are
+  debounced: the first after a quiet spell goes out at once, then at most one
+  sync per 100 ms.  Nothing to change, nothing written; a TTL is refreshed by
+  the 30 s sync once half of it has passed.
+- Consul unreachable or failing (refused, timeouts, 5xx, 403): the registry, DNS
+  and HTTP do not notice; syncs retry with backoff (0.5 s doubling to 30 s,
+  jittered) and the first one after recovery reads Consul in full, so Consul
+  converges without duplicates (IDs are deterministic) or stale entries.  One
+  log line when the link breaks, one when it is back.  A registration Consul
+  refuses (400: e.g. too many meta pairs) is logged once and retried when the
+  instance changes or at the next full sync.
+- Nothing is deregistered on close: a restarted agent finds its entries in
+  place (no flapping); an agent that never comes back leaves entries whose TTL
+  check turns critical, so DNS stops sending clients there.
+
+Pull (Consul -> local), with Consul's blocking queries:
+
+- GET /v1/catalog/services?index= says which services exist (not asked when
+  `services` are listed); each service has its own blocking GET
+  /v1/health/service/<name>?index=&wait=5m returning its instances with their
+  checks.  A change costs one request per changed service, an idle catalog
+  costs one request per service per 5 minutes.  Each watch holds an HTTP
+  connection while it waits: Consul's http_max_conns_per_client (200) bounds
+  how many services one address can watch; list them in `services` when more.
+- Instances get source "consul", id ``consul/<consul node>/<service id>``,
+  their Consul node (added to the registry, except a node named like ours) and
+  datacenter ("" when it is ours, so DNS serves them unlabeled; else
+  ``<svc>.service.<dc>.<domain>`` selects them).  Health is the worst of all
+  the entry's checks, node checks included (a node failing serfHealth is down,
+  as Consul's DNS sees it).  Entries this agent pushed (meta waypost-node ==
+  our node) are skipped; other waypost agents' are pulled.  Entries our model
+  cannot hold (a name that is not a DNS label, a host name as address) are
+  skipped with one warning each.  Results that arrive in one loop iteration are
+  one registry batch.
+- Indexes, as Consul's blocking-query guide says: an index below 1 is taken as
+  1; an index that goes backwards (Consul restored a snapshot) resets to 0 (a
+  full read), and when the catalog's does, every service watch restarts from
+  0; an error resets to 0 too (a restarted Consul has lower indexes, and a query
+  with an index ahead of Consul's blocks for the whole wait).  Queries of one
+  watch start at least 50 ms apart; failures back off as push does.
+- While Consul is unreachable the pulled instances stay (a Consul agent serves
+  its last known catalog as well); the first successful read replaces them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import re
+import time
+import warnings
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import consul
+import consul.aio
+from consul.exceptions import ACLPermissionDenied, BadRequest, ConsulException
+
+from discovery.config import MirrorSettings
+from discovery.errors import ValidationError
+from discovery.model import (
+    MAX_LABEL,
+    Health,
+    Instance,
+    Node,
+    check_address,
+    is_label,
+    make_instance,
+)
+from discovery.registry import Registry, Snapshot
+
+log = logging.getLogger(__name__)
+
+PUSHED_SOURCES = frozenset({"config", "api", "job"})  # never "consul": no echo
+SOURCE = "consul"  # Instance.source of pulled instances
+ID_PREFIX = "_waypost-"
+CHECK_SUFFIX = ":health"
+OWNER_META = "waypost-node"
+EXTERNAL_SOURCE_META = "external-source"  # Consul's UI shows where an entry comes from
+EXTERNAL_SOURCE = "waypost"
+CHECK_NAME = "waypost health"
+_STATUS = {status.value: status for status in Health}
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorTiming:
+    """The mirror's clocks and limits (defaults for production; tests shorten them)."""
+
+    debounce: float = 0.1  # seconds between two syncs caused by registry changes
+    anti_entropy: float = 30.0  # seconds between full reads of what Consul has
+    check_ttl: float = 300.0  # TTL of the pushed checks; refreshed after half of it
+    wait: float = 300.0  # blocking-query wait (Consul's default, 5m)
+    min_query_gap: float = 0.05  # seconds between the starts of two queries of one watch
+    backoff_min: float = 0.5
+    backoff_max: float = 30.0
+    request_timeout: float = 10.0  # a non-blocking request; blocking ones get wait + this
+    concurrency: int = 32  # writes in flight during a sync
+    max_connections: int = 1024  # pull connections (one per watched service)
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorStats:
+    """What the mirror reports for metrics and the agent's health."""
+
+    url: str  # the Consul agent (never a token)
+    push: bool  # push enabled
+    pull: bool  # pull enabled
+    push_ok: bool  # the last push attempt succeeded (False before the first)
+    pull_ok: bool  # the last pull request succeeded (False before the first)
+    last_push: float | None  # time.time() of the last successful push sync
+    last_pull: float | None  # time.time() of the last successful pull response
+    pending: int  # local changes not in Consul yet (registrations, updates, removals)
+    refused: int  # registrations Consul refused (400), retried when they change
+    pushed: int  # our entries in Consul, as last seen
+    pulled: int  # instances pulled into the registry
+    watched: int  # services watched by the pull
+    requests: int  # HTTP requests made
+    errors: int  # requests that failed
+
+    @property
+    def healthy(self) -> bool:
+        return (self.push_ok or not self.push) and (self.pull_ok or not self.pull)
+
+
+# -- push: pure planning --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PushEntry:
+    """An instance as a Consul service (what GET /v1/agent/services shows of it)."""
+
+    id: str
+    service: str
+    address: str
+    port: int
+    tags: tuple[str, ...] = ()
+    meta: tuple[tuple[str, str], ...] = ()  # sorted pairs
+    weights: tuple[int, int] = (1, 1)  # passing, warning
+
+
+@dataclass(frozen=True, slots=True)
+class Wanted:
+    """One entry as it should be in Consul: the service and its TTL check's status."""
+
+    entry: PushEntry
+    status: Health
+    output: str = ""  # sent with status updates (not compared: Consul keeps it loosely)
+
+
+@dataclass(frozen=True, slots=True)
+class Seen:
+    """One of our entries as Consul has it; status None when its check is missing."""
+
+    entry: PushEntry
+    status: Health | None
+
+
+@dataclass(frozen=True, slots=True)
+class PushPlan:
+    """The writes that make Consul hold what we want."""
+
+    register: tuple[Wanted, ...] = ()
+    update: tuple[Wanted, ...] = ()  # TTL check status only
+    deregister: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.register) + len(self.update) + len(self.deregister)
+
+
+def service_id(node: str, instance_id: str) -> str:
+    return f"{ID_PREFIX}{node}-{instance_id}"
+
+
+def check_id(consul_service_id: str) -> str:
+    return consul_service_id + CHECK_SUFFIX
+
+
+def plan_wanted(inst: Instance, node: str) -> Wanted:
+    """What Consul should hold for `inst`, pushed by agent `node`."""
+    meta = dict(inst.meta) | {EXTERNAL_SOURCE_META: EXTERNAL_SOURCE, OWNER_META: node}
+    entry = PushEntry(
+        id=service_id(node, inst.id),
+        service=inst.service,
+        address=inst.address,
+        port=inst.port,
+        tags=inst.tags,
+        meta=tuple(sorted(meta.items())),
+        weights=(inst.weights.passing, inst.weights.warning),
+    )
+    failing = [c for c in inst.checks if c.status is inst.health and c.output]
+    output = "; ".join(f"{c.name}: {c.output}" for c in failing)[:4096]
+    return Wanted(entry, inst.health, output)
+
+
+def plan_push(
+    wanted: Mapping[str, Wanted], seen: Mapping[str, Seen], skip: Mapping[str, Wanted] = {}
+) -> PushPlan:
+    """Register what is missing or differs, update statuses, deregister what is not wanted.
+
+    `seen` holds only entries this agent owns; `skip` are registrations Consul
+    refused, left alone while they stay the same.
+    """
+    register: list[Wanted] = []
+    update: list[Wanted] = []
+    for ident, want in wanted.items():
+        have = seen.get(ident)
+        if have is None or have.entry != want.entry or have.status is None:
+            if skip.get(ident) != want:
+                register.append(want)
+        elif have.status is not want.status:
+            update.append(want)
+    gone = tuple(ident for ident in seen if ident not in wanted)
+    return PushPlan(tuple(register), tuple(update), gone)
+
+
+def parse_seen(
+    services: Mapping[str, Any], checks: Mapping[str, Any], node: str
+) -> dict[str, Seen]:
+    """Our entries in GET /v1/agent/services and /v1/agent/checks answers (others ignored)."""
+    prefix = f"{ID_PREFIX}{node}-"
+    out: dict[str, Seen] = {}
+    for ident, svc in services.items():
+        if not isinstance(svc, Mapping) or not str(ident).startswith(prefix):
+            continue
+        meta = svc.get("Meta") or {}
+        if meta.get(OWNER_META) != node:
+            continue
+        check = checks.get(check_id(ident))
+        status = None
+        if isinstance(check, Mapping) and check.get("ServiceID") == ident:
+            status = _STATUS.get(str(check.get("Status")), Health.CRITICAL)
+        out[ident] = Seen(parse_entry(svc), status)
+    return out
+
+
+def parse_entry(svc: Mapping[str, Any]) -> PushEntry:
+    """A service of GET /v1/agent/services as a PushEntry (null lists and maps are empty)."""
+    weights = svc.get("Weights") or {}
+    return PushEntry(
+        id=str(svc.get("ID", "")),
+        service=str(svc.get("Service", "")),
+        address=str(svc.get("Address", "")),
+        port=int(svc.get("Port") or 0),
+        tags=tuple(svc.get("Tags") or ()),
+        meta=tuple(sorted((svc.get("Meta") or {}).items())),
+        weights=(int(weights.get("Passing", 1)), int(weights.get("Warning", 1))),
+    )
+
+
+def render_check(want: Wanted, node: str, ttl: float) -> dict[str, str]:
+    """The TTL check definition registered with the service."""
+    return {
+        "CheckID": check_id(want.entry.id),
+        "Name": CHECK_NAME,
+        "TTL": f"{round(ttl)}s",
+        "Status": want.status.value,
+        "Notes": f"health of the instance, mirrored by waypost on {node}",
+    }
+
+
+# -- pull: pure parsing -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Pulled:
+    """One health/service answer turned into registry objects, and what was skipped."""
+
+    instances: tuple[Instance, ...]
+    nodes: tuple[Node, ...]
+    skipped: tuple[str, ...] = ()  # "<id>: <reason>" of entries our model cannot hold
+
+
+def node_label(name: str) -> str:
+    """A Consul node name as a DNS label (dots and underscores become '-'); "" if none left."""
+    cleaned = re.sub(r"[^A-Za-z0-9-]+", "-", name)[:MAX_LABEL].strip("-")
+    return cleaned if is_label(cleaned) else ""
+
+
+def worst_status(checks: Iterable[Mapping[str, Any]]) -> Health:
+    """Consul's aggregate: the worst check (unknown statuses count as critical)."""
+    order = (Health.PASSING, Health.WARNING, Health.CRITICAL)
+    statuses = [_STATUS.get(str(c.get("Status")), Health.CRITICAL) for c in checks]
+    return max(statuses, key=order.index, default=Health.PASSING)
+
+
+def parse_pulled(
+    entries: Iterable[Mapping[str, Any]], *, node: str, datacenter: str, default_dc: str
+) -> Pulled:
+    """Registry instances and nodes from a GET /v1/health/service/<name> answer.
+
+    `node` is this agent's (its own pushed entries are skipped), `datacenter`
+    ours (instances there are unlabeled), `default_dc` the one assumed when an
+    entry does not name its node's.
+    """
+    instances: list[Instance] = []
+    nodes: dict[str, Node] = {}
+    skipped: list[str] = []
+    for entry in entries:
+        svc = entry.get("Service") or {}
+        host = entry.get("Node") or {}
+        meta = svc.get("Meta") or {}
+        if meta.get(OWNER_META) == node:
+            continue
+        raw_node = str(host.get("Node", ""))
+        ident = f"{SOURCE}/{raw_node}/{svc.get('ID', '')}"
+        dc = str(host.get("Datacenter") or default_dc).lower()
+        label = "" if dc == datacenter.lower() else dc
+        name = node_label(raw_node)
+        try:
+            if not name:
+                raise ValidationError("node", f"{raw_node!r} cannot be a DNS label")
+            inst = make_instance(
+                service=svc.get("Service"),
+                id=ident,
+                node=name,
+                address=svc.get("Address") or host.get("Address"),
+                port=svc.get("Port") or 0,
+                tags=svc.get("Tags"),
+                meta=meta,
+                weights=svc.get("Weights"),
+                health=worst_status(entry.get("Checks") or ()),
+                datacenter=label,
+                source=SOURCE,
+            )
+        except ValidationError as err:
+            skipped.append(f"{ident}: {err.field}: {err.message}")
+            continue
+        try:
+            address = check_address(host.get("Address"), "Node.Address")
+        except ValidationError:  # a host name: the instance's address stands in for it
+            address = inst.address
+        instances.append(inst)
+        nodes[name.lower()] = Node(name, address, label)
+    return Pulled(tuple(instances), tuple(nodes.values()), tuple(skipped))
+
+
+def backoff(attempt: int, timing: MirrorTiming) -> float:
+    """Seconds before retry `attempt` (1, 2, ...): doubling from backoff_min, capped, jittered."""
+    ceiling = min(timing.backoff_max, timing.backoff_min * 2 ** min(attempt - 1, 30))
+    return random.uniform(ceiling / 2, ceiling)
+
+
+# -- the connection to Consul -------------------------------------------------------------------
+
+
+class MirrorError(Exception):
+    """A Consul request that failed for the whole link (unreachable, 5xx, 403, timeout)."""
+
+
+def _client(settings: MirrorSettings, connections: int, timeout: float) -> Any:
+    """A py-consul asyncio client for `settings` (its aiohttp session is opened here)."""
+    with warnings.catch_warnings():
+        # py-consul 1.8 hands aiohttp deprecated connector arguments (verify_ssl, ssl_context).
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="consul")
+        warnings.filterwarnings("ignore", r".*(verify_ssl|ssl_context)", DeprecationWarning)
+        client = consul.aio.Consul(
+            host=settings.host,
+            port=settings.port,
+            scheme=settings.scheme,
+            dc=settings.datacenter or None,
+            verify=settings.scheme == "https",
+            connections_limit=connections,
+            connections_timeout=timeout,
+        )
+    client.token = settings.token or None  # py-consul lets CONSUL_HTTP_TOKEN win otherwise
+    return client
+
+
+class _Link:
+    """Counts requests and tells, once per change of state, whether Consul answers."""
+
+    def __init__(self, what: str, url: str) -> None:
+        self.what = what
+        self.url = url
+        self.ok = False
+        self.ever_ok = False
+        self.last_ok: float | None = None
+        self.down_since: float | None = None
+        self.requests = 0
+        self.errors = 0
+
+    async def call(self, request: Awaitable[Any], limit: float) -> Any:
+        """Await one py-consul request; anything but a 4xx answer becomes MirrorError."""
+        self.requests += 1
+        try:
+            async with asyncio.timeout(limit):
+                return await request
+        except BadRequest:
+            self.errors += 1
+            raise
+        except ACLPermissionDenied as exc:
+            self.errors += 1
+            raise MirrorError(f"permission denied (check the consul token): {exc}") from None
+        except ConsulException as exc:
+            self.errors += 1
+            raise MirrorError(str(exc) or type(exc).__name__) from None
+        except TimeoutError:
+            self.errors += 1
+            raise MirrorError(f"no answer within {limit:g}s") from None
+        except (OSError, ValueError) as exc:
+            self.errors += 1
+            raise MirrorError(str(exc) or type(exc).__name__) from None
+        except Exception as exc:  # aiohttp's client errors (aiohttp is httpapi's only)
+            self.errors += 1
+            raise MirrorError(f"{type(exc).__name__}: {exc}") from None
+
+    def succeeded(self, detail: str) -> None:
+        self.last_ok = time.time()
+        if self.ok:
+            return
+        if self.down_since is not None:
+            log.info(
+                "consul %s: %s answers again after %.0fs; %s",
+                self.what,
+                self.url,
+                time.monotonic() - self.down_since,
+                detail,
+            )
+        elif not self.ever_ok:
+            log.info("consul %s: connected to %s; %s", self.what, self.url, detail)
+        self.ok = self.ever_ok = True
+        self.down_since = None
+
+    def failed(self, error: Exception) -> None:
+        if self.ok or self.down_since is None:
+            log.warning(
+                "consul %s: %s: %s; retrying with backoff (local DNS and HTTP are unaffected)",
+                self.what,
+                self.url,
+                error,
+            )
+            self.down_since = time.monotonic()
+        self.ok = False
+
+
+Op = Callable[[], Awaitable[None]]
+
+
+async def _run_all(ops: list[Op], concurrency: int) -> None:
+    """Run `ops` with at most `concurrency` in flight; after a failure none starts; re-raise it."""
+    pending = iter(ops)
+    failures: list[Exception] = []
+
+    async def worker() -> None:
+        for op in pending:  # one iterator shared by the workers
+            if failures:
+                return
+            try:
+                await op()
+            except MirrorError as err:
+                failures.append(err)
+                return
+
+    await asyncio.gather(*(worker() for _ in range(min(concurrency, len(ops)))))
+    if failures:
+        raise failures[0]
+
+
+# -- push ---------------------------------------------------------------------------------------
+
+
+class _Push:
+    """The push loop and what it knows of our entries in Consul.  State."""
+
+    def __init__(
+        self, client: Any, registry: Registry, node: str, timing: MirrorTiming, link: _Link
+    ) -> None:
+        self._client = client
+        self._registry = registry
+        self._node = node
+        self._timing = timing
+        self.link = link
+        self._seen: dict[str, Seen] = {}  # the last full read plus our writes since
+        self._fresh = False  # False: read Consul in full before trusting _seen
+        self._refreshed: dict[str, float] = {}  # monotonic time each TTL was last reset
+        self._rejected: dict[str, Wanted] = {}  # registrations Consul refused (400)
+        self._cache: dict[str, tuple[Instance, Wanted]] = {}
+        self._wanted: tuple[Snapshot | None, dict[str, Wanted]] = (None, {})
+        self._wake = asyncio.Event()
+        self._next_full = 0.0
+        self._last_start = -timing.debounce
+        self.unsubscribe = registry.subscribe(lambda _snap, _keys: self._wake.set())
+
+    @property
+    def pending(self) -> int:
+        return len(plan_push(self.wanted(), self._seen, self._rejected))
+
+    @property
+    def pushed(self) -> int:
+        return len(self._seen)
+
+    @property
+    def refused(self) -> int:
+        return len(self._rejected)
+
+    def wanted(self) -> dict[str, Wanted]:
+        """What Consul should hold now (instances unchanged since the last call are reused)."""
+        snap = self._registry.snapshot
+        if self._wanted[0] is snap:
+            return self._wanted[1]
+        cache: dict[str, tuple[Instance, Wanted]] = {}
+        out: dict[str, Wanted] = {}
+        for inst in snap.instances.values():
+            if inst.source not in PUSHED_SOURCES:
+                continue
+            hit = self._cache.get(inst.id)
+            if hit is None or hit[0] is not inst:
+                hit = (inst, plan_wanted(inst, self._node))
+            cache[inst.id] = hit
+            out[hit[1].entry.id] = hit[1]
+        self._cache = cache
+        self._wanted = (snap, out)
+        return out
+
+    async def run(self) -> None:
+        """Sync on changes and every anti_entropy seconds.
+
+        Error handling: a failed sync (MirrorError) is logged once per outage and
+        retried with backoff; the next sync reads Consul in full.  Only
+        cancellation ends the loop.
+        """
+        attempt = 0
+        while True:
+            await self._next_turn()
+            try:
+                await self._sync()
+            except MirrorError as err:
+                attempt += 1
+                self._fresh = False
+                self.link.failed(err)
+                await asyncio.sleep(backoff(attempt, self._timing))
+                continue
+            attempt = 0
+            self.link.succeeded(f"{len(self._seen)} entries in sync")
+
+    async def _next_turn(self) -> None:
+        """Until a registry change or the next full sync; at once when Consul must be read."""
+        if self._fresh and not self._wake.is_set():
+            delay = self._next_full - time.monotonic()
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._wake.wait()
+        # Debounce; sleep(0) at least, so that changes made in this loop iteration join.
+        await asyncio.sleep(max(0.0, self._last_start + self._timing.debounce - time.monotonic()))
+        self._wake.clear()
+        self._last_start = time.monotonic()
+
+    async def _sync(self) -> None:
+        now = time.monotonic()
+        full = not self._fresh or now >= self._next_full
+        if full:
+            await self._read()
+            self._next_full = now + self._timing.anti_entropy * random.uniform(0.9, 1.1)
+        wanted = self.wanted()
+        # Refused registrations are tried again once per full sync (or when they change).
+        self._rejected = {k: v for k, v in self._rejected.items() if wanted.get(k) == v}
+        plan = plan_push(wanted, self._seen, {} if full else self._rejected)
+        ops: list[Op] = [partial(self._register, w) for w in plan.register]
+        ops += [partial(self._update, w) for w in plan.update]
+        if full:
+            ops += [partial(self._update, w) for w in self._refresh_due(wanted, plan)]
+        ops += [partial(self._deregister, i) for i in plan.deregister]
+        if ops:
+            log.debug("consul push: %d writes (%s)", len(ops), "full sync" if full else "changes")
+        await _run_all(ops, self._timing.concurrency)
+
+    def _refresh_due(self, wanted: Mapping[str, Wanted], plan: PushPlan) -> list[Wanted]:
+        """In-sync entries whose TTL is half gone (all of them after a restart)."""
+        planned = {w.entry.id for w in (*plan.register, *plan.update)}
+        horizon = time.monotonic() - self._timing.check_ttl / 2
+        return [
+            want
+            for ident, want in wanted.items()
+            if ident in self._seen
+            and ident not in planned
+            and self._refreshed.get(ident, -horizon) <= horizon
+        ]
+
+    async def _read(self) -> None:
+        agent, timeout = self._client.agent, self._timing.request_timeout
+        try:
+            services = await self.link.call(agent.services(), timeout)
+            checks = await self.link.call(agent.checks(), timeout)
+        except BadRequest as exc:
+            raise MirrorError(f"reading the agent's services: {exc}") from None
+        self._seen = parse_seen(services or {}, checks or {}, self._node)
+        self._refreshed = {k: v for k, v in self._refreshed.items() if k in self._seen}
+        self._fresh = True
+
+    async def _register(self, want: Wanted) -> None:
+        entry, before = want.entry, self._seen.get(want.entry.id)
+        request = self._client.agent.service.register(
+            entry.service,
+            service_id=entry.id,
+            address=entry.address,
+            port=entry.port,
+            tags=list(entry.tags),
+            check=render_check(want, self._node, self._timing.check_ttl),
+            meta=dict(entry.meta),
+            weights={"Passing": entry.weights[0], "Warning": entry.weights[1]},
+            replace_existing_checks=True,
+        )
+        try:
+            accepted = await self.link.call(request, self._timing.request_timeout)
+        except BadRequest as exc:
+            if self._rejected.get(entry.id) != want:
+                log.warning("consul push: Consul refuses %s (%s): %s", entry.id, entry.service, exc)
+            self._rejected[entry.id] = want
+            return
+        if not accepted:
+            raise MirrorError(f"registering {entry.id}: not accepted")
+        self._rejected.pop(entry.id, None)
+        self._refreshed[entry.id] = time.monotonic()
+        # A check that exists keeps its status when its service is registered again (Consul).
+        kept = before.status if before is not None and before.status is not None else None
+        self._seen[entry.id] = Seen(entry, kept or want.status)
+        if kept is not None and kept is not want.status:
+            await self._update(want)
+
+    async def _update(self, want: Wanted) -> None:
+        ttl = self._client.agent.check
+        send = {Health.PASSING: ttl.ttl_pass, Health.WARNING: ttl.ttl_warn}.get(
+            want.status, ttl.ttl_fail
+        )
+        ident = want.entry.id
+        try:
+            found = await self.link.call(
+                send(check_id(ident), notes=want.output or None), self._timing.request_timeout
+            )
+        except BadRequest as exc:
+            raise MirrorError(f"updating {check_id(ident)}: {exc}") from None
+        seen = self._seen.get(ident)
+        if seen is None:  # deregistered meanwhile
+            return
+        if not found:  # 404: the check went away behind our back; the next sync registers it
+            self._seen[ident] = Seen(seen.entry, None)
+            self._wake.set()
+            return
+        self._seen[ident] = Seen(seen.entry, want.status)
+        self._refreshed[ident] = time.monotonic()
+
+    async def _deregister(self, ident: str) -> None:
+        request = self._client.agent.service.deregister(ident)
+        try:
+            await self.link.call(request, self._timing.request_timeout)  # False: already gone
+        except BadRequest as exc:
+            raise MirrorError(f"deregistering {ident}: {exc}") from None
+        self._seen.pop(ident, None)
+        self._refreshed.pop(ident, None)
+
+
+# -- pull ---------------------------------------------------------------------------------------
+
+
+class _Pull:
+    """The catalog watch, one watch per service, and what they put in the registry.  State."""
+
+    def __init__(
+        self,
+        client: Any,
+        registry: Registry,
+        settings: MirrorSettings,
+        *,
+        node: str,
+        datacenter: str,
+        timing: MirrorTiming,
+        link: _Link,
+    ) -> None:
+        self._client = client
+        self._registry = registry
+        self._settings = settings
+        self._node = node
+        self._datacenter = datacenter
+        self._timing = timing
+        self.link = link
+        self._watches: dict[str, asyncio.Task[None]] = {}
+        self._current: dict[str, frozenset[str]] = {}  # service -> ids in the registry
+        self._owner: dict[str, str] = {}  # instance id -> the service that put it there
+        self._updates: dict[str, Pulled] = {}  # answers waiting for the next batch
+        self._flush: asyncio.Handle | None = None
+        self._warned: set[str] = set()
+
+    @property
+    def pulled(self) -> int:
+        return len(self._owner)
+
+    @property
+    def watched(self) -> int:
+        return len(self._watches)
+
+    async def run(self) -> None:
+        """Watch the listed services, or the catalog's list of services."""
+        if self._settings.services:
+            self._set_services(set(self._settings.services))
+            return
+        await self._catalog_loop()
+
+    async def close(self) -> None:
+        tasks = list(self._watches.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._watches.clear()
+        if self._flush is not None:
+            self._flush.cancel()
+
+    async def _catalog_loop(self) -> None:
+        """Error handling: failures are logged once per outage and retried with backoff."""
+        index, attempt, started = 0, 0, -self._timing.min_query_gap
+        while True:
+            started = await self._pace(started)
+            try:
+                new, services = await self._query(self._client.catalog.services, index=index)
+            except MirrorError as err:
+                attempt, index = attempt + 1, 0
+                self.link.failed(err)
+                await asyncio.sleep(backoff(attempt, self._timing))
+                continue
+            attempt = 0
+            self.link.succeeded(f"{len(services or {})} services in the catalog")
+            if new < index:
+                log.info(
+                    "consul pull: the catalog index went back from %d to %d (a restored or "
+                    "restarted Consul); reading every service again",
+                    index,
+                    new,
+                )
+                self._restart_watches()
+                index = 0
+            else:
+                index = max(new, 1)
+            self._set_services(set(services or {}))
+
+    def _set_services(self, names: set[str]) -> None:
+        for name in sorted(names - set(self._watches)):
+            if not is_label(name):
+                self._warn_once(name, f"consul pull: skipping service {name!r}: not a DNS label")
+                continue
+            self._watches[name] = asyncio.create_task(self._service_loop(name))
+        for name in set(self._watches) - names:
+            self._watches.pop(name).cancel()
+            self._receive(name, Pulled((), ()))
+
+    def _restart_watches(self) -> None:
+        for name, task in list(self._watches.items()):
+            task.cancel()
+            self._watches[name] = asyncio.create_task(self._service_loop(name))
+
+    async def _service_loop(self, name: str) -> None:
+        """Error handling: as the catalog loop; an index going backwards restarts from 0."""
+        index, attempt, started = 0, 0, -self._timing.min_query_gap
+        while True:
+            started = await self._pace(started)
+            try:
+                new, entries = await self._query(self._client.health.service, name, index=index)
+            except MirrorError as err:
+                attempt, index = attempt + 1, 0
+                self.link.failed(err)
+                await asyncio.sleep(backoff(attempt, self._timing))
+                continue
+            attempt = 0
+            self.link.succeeded(f"watching {len(self._watches)} services")
+            if new == index:  # the wait ran out: nothing changed
+                continue
+            if new < index:
+                log.info("consul pull: %s: index went back from %d to %d", name, index, new)
+            index = 0 if new < index else max(new, 1)
+            self._receive(name, self._parse(entries or []))
+
+    def _parse(self, entries: list[Mapping[str, Any]]) -> Pulled:
+        pulled = parse_pulled(
+            entries,
+            node=self._node,
+            datacenter=self._datacenter,
+            default_dc=self._settings.datacenter or self._datacenter,
+        )
+        for reason in pulled.skipped:
+            self._warn_once(reason, f"consul pull: skipping {reason}")
+        return pulled
+
+    async def _pace(self, started: float) -> float:
+        """Keep the starts of one watch's queries min_query_gap apart; the new start."""
+        gap = started + self._timing.min_query_gap - time.monotonic()
+        if gap > 0:
+            await asyncio.sleep(gap)
+        return time.monotonic()
+
+    async def _query(self, method: Callable[..., Any], *args: str, index: int) -> tuple[int, Any]:
+        """One (blocking when index > 0) read: (X-Consul-Index, body)."""
+        timing = self._timing
+        timeout = timing.request_timeout + (timing.wait * 17 / 16 if index else 0)
+        request = method(*args, index=index or None, wait=f"{round(timing.wait)}s")
+        try:
+            found, data = await self.link.call(request, timeout)
+            return int(found), data
+        except BadRequest as exc:
+            raise MirrorError(str(exc)) from None
+        except (TypeError, ValueError) as exc:
+            raise MirrorError(f"bad X-Consul-Index: {exc}") from None
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning("%s", message)
+
+    def _receive(self, name: str, pulled: Pulled) -> None:
+        """Queue a service's new instances; answers of one loop iteration are one batch."""
+        self._updates[name] = pulled
+        if self._flush is None:
+            self._flush = asyncio.get_running_loop().call_soon(self._apply)
+
+    def _apply(self) -> None:
+        self._flush = None
+        updates, self._updates = self._updates, {}
+        upserts: list[Instance] = []
+        removals: list[str] = []
+        nodes: dict[str, Node] = {}
+        local = self._registry.local_node.name.lower()
+        for name, pulled in updates.items():
+            ids = frozenset(i.id for i in pulled.instances)
+            for ident in self._current.get(name, frozenset()) - ids:
+                if self._owner.get(ident) == name:
+                    del self._owner[ident]
+                    removals.append(ident)
+            for inst in pulled.instances:
+                self._owner[inst.id] = name
+            upserts.extend(pulled.instances)
+            nodes.update((n.name.lower(), n) for n in pulled.nodes if n.name.lower() != local)
+            if ids:
+                self._current[name] = ids
+            else:
+                self._current.pop(name, None)
+        self._registry.apply(upserts=upserts, removals=removals, nodes=nodes.values())
+
+
+# -- the mirror ---------------------------------------------------------------------------------
+
+
+class Mirror:
+    """The running mirror.  Built by :func:`start_mirror`; `await close()` stops it."""
+
+    def __init__(
+        self,
+        settings: MirrorSettings,
+        push: _Push | None,
+        pull: _Pull | None,
+        tasks: list[asyncio.Task[None]],
+        clients: list[Any],
+    ) -> None:
+        self.settings = settings
+        self._push = push
+        self._pull = pull
+        self._tasks = tasks
+        self._clients = clients
+        self._closed = False
+
+    @property
+    def stats(self) -> MirrorStats:
+        push, pull = self._push, self._pull
+        links = [part.link for part in (push, pull) if part is not None]
+        return MirrorStats(
+            url=self.settings.url,
+            push=push is not None,
+            pull=pull is not None,
+            push_ok=push is not None and push.link.ok,
+            pull_ok=pull is not None and pull.link.ok,
+            last_push=None if push is None else push.link.last_ok,
+            last_pull=None if pull is None else pull.link.last_ok,
+            pending=0 if push is None else push.pending,
+            refused=0 if push is None else push.refused,
+            pushed=0 if push is None else push.pushed,
+            pulled=0 if pull is None else pull.pulled,
+            watched=0 if pull is None else pull.watched,
+            requests=sum(link.requests for link in links),
+            errors=sum(link.errors for link in links),
+        )
+
+    @property
+    def healthy(self) -> bool:
+        """Every enabled direction's last attempt succeeded."""
+        return self.stats.healthy
+
+    async def close(self) -> None:
+        """Stop both loops and close the connections; Consul keeps our entries (see above)."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._pull is not None:
+            await self._pull.close()
+        if self._push is not None:
+            self._push.unsubscribe()
+        for client in self._clients:
+            await client.close()
+
+
+async def start_mirror(
+    registry: Registry,
+    settings: MirrorSettings,
+    *,
+    node: str,
+    datacenter: str,
+    timing: MirrorTiming = MirrorTiming(),
+) -> Mirror:
+    """Start pushing and/or pulling as `settings` say; returns at once (Consul may be down).
+
+    `node` is this agent's node name (it names our entries in Consul), `datacenter`
+    ours (pulled instances of that datacenter are served unlabeled).
+    """
+    tasks: list[asyncio.Task[None]] = []
+    clients: list[Any] = []
+    push = pull = None
+    if settings.push:
+        client = _client(settings, timing.concurrency, timing.request_timeout)
+        clients.append(client)
+        push = _Push(client, registry, node, timing, _Link("push", settings.url))
+        tasks.append(asyncio.create_task(push.run(), name="consul push"))
+    if settings.pull:
+        blocking = timing.wait * 17 / 16 + timing.request_timeout
+        client = _client(settings, timing.max_connections, blocking)
+        clients.append(client)
+        link = _Link("pull", settings.url)
+        pull = _Pull(
+            client, registry, settings, node=node, datacenter=datacenter, timing=timing, link=link
+        )
+        tasks.append(asyncio.create_task(pull.run(), name="consul pull"))
+    return Mirror(settings, push, pull, tasks, clients)
