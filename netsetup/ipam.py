@@ -85,26 +85,30 @@ def plan_pools(config: NetConfig) -> tuple[Pool, Pool | None]:
 def plan_lease(pool: Pool, leased: Collection[str], last: str = "") -> str:
     """The next free address after `last` (round-robin), as a string.
 
-    `leased` holds every address in use (any family, any subnet; others are
-    ignored).  `last` is the previous lease ("" or out of the pool: start at
-    the beginning).  Raises SubnetExhausted when every address is leased.
+    `leased` holds every address in use, as canonical text (what this module
+    returns; other families and subnets are simply never met).  `last` is the
+    previous lease ("" or out of the pool: start at the beginning).  Raises
+    SubnetExhausted when every address is leased.  Cost: O(len(leased)) set
+    lookups at worst, nothing parsed per lease, so it stays flat as leases grow.
     """
-    in_pool = {int(ip) for ip in map(_parse, leased) if ip is not None and pool.leasable(ip)}
-    if len(in_pool) >= pool.size:
-        raise SubnetExhausted(str(pool.subnet))
+    taken = leased if isinstance(leased, (set, frozenset)) else set(leased)
     previous = _parse(last)
     if previous is not None and pool.contains(previous) and int(previous) < pool.last:
         candidate = int(previous) + 1
     else:
         candidate = pool.first
     gateway = int(pool.gateway)
-    # A free address is at most len(in_pool) + 1 steps away (the gateway is the +1),
-    # so the walk is bounded even for an IPv6 /64.
-    for _ in range(len(in_pool) + 2):
-        if candidate != gateway and candidate not in in_pool:
-            return pool.address(candidate)
+    # Among any len(taken) + 1 distinct candidates one is free, unless the pool
+    # holds no more than that: then all of it has been looked at.
+    remaining = min(pool.size, len(taken) + 1)
+    while remaining:
+        if candidate != gateway:
+            text = pool.address(candidate)
+            if text not in taken:
+                return text
+            remaining -= 1
         candidate = pool.first if candidate >= pool.last else candidate + 1
-    raise AssertionError("unreachable: a free address exists within the bound")
+    raise SubnetExhausted(str(pool.subnet))
 
 
 def _parse(text: str) -> IPAddress | None:

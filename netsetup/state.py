@@ -1,7 +1,7 @@
 """Persisted reservations: ports, IP leases and allocations.  Adapter (SQLite).
 
 The only netsetup module that imports sqlite3.  One database,
-``<data_dir>/netsetup.db``, WAL mode, ``synchronous=FULL``::
+``<data_dir>/netsetup.db``, WAL mode, ``synchronous=FULL`` (or NORMAL, by choice)::
 
     state = open_state(data_dir)                  # checks the file, never replaces it
     reservation = state.reserve(alloc_id, spec, plan)   # ports + IPs, all or nothing
@@ -19,7 +19,18 @@ netsetup.ipam) on the ledger read inside a ``BEGIN IMMEDIATE`` transaction, so
 two writers (the agent and `waypost net up`) cannot plan from the same
 snapshot; primary keys on (host_ip, port) and ip back it up.  Any error rolls
 the whole reservation back.  One connection per :class:`NetState`, guarded by a
-lock: the methods are synchronous, safe to call from `asyncio.to_thread`.
+lock: the methods are synchronous, safe to call from `asyncio.to_thread`.  A
+plan is typically::
+
+    def plan(ledger: Ledger) -> Reservation:
+        ports = plan_ports(spec.ports, policy, ledger.ports, is_free=probe_port_free,
+                           static_free=probe_static_port)
+        ips = plan_addresses(v4, v6, ledger.leases, ledger.last_ip4, ledger.last_ip6)
+        return Reservation(ports, ips if spec.mode == "bridge" else ())
+
+The ledger lives in memory and is read again only when ``PRAGMA data_version``
+says another connection committed, so a reservation costs the same with 10 or
+1,000 allocations held (its commit's fsync dominates).
 
 Error handling: a database that cannot be opened, fails ``PRAGMA quick_check``,
 is not netsetup's or is from a newer schema raises :class:`StateError` naming
@@ -33,10 +44,11 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Set as AbstractSet
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from netsetup.errors import (
     AllocExists,
@@ -89,7 +101,7 @@ class Ledger:
     """Everything held, as the allocators want it."""
 
     ports: Mapping[str, Mapping[int, str]] = field(default_factory=dict)  # ip -> port -> alloc
-    leases: frozenset[str] = frozenset()
+    leases: AbstractSet[str] = frozenset()
     last_ip4: str = ""
     last_ip6: str = ""
 
@@ -114,17 +126,23 @@ class AllocRecord:
 
 
 Planner = Callable[[Ledger], Reservation]
+Synchronous = Literal["FULL", "NORMAL"]
 
 
-def open_state(data_dir: str | Path) -> NetState:
-    """The state under `data_dir` (created with the directory when absent); close() it."""
+def open_state(data_dir: str | Path, *, synchronous: Synchronous = "FULL") -> NetState:
+    """The state under `data_dir` (created with the directory when absent); close() it.
+
+    `synchronous`: "FULL" (default) fsyncs every commit; "NORMAL" (WAL) skips
+    the fsync: a crash of the process loses nothing, a power loss may lose the
+    last commits (never the file's consistency).
+    """
     directory = Path(data_dir)
     try:
         directory.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
     except OSError as exc:
         raise StateError(str(directory), f"cannot create the data dir: {exc.strerror}") from exc
     path = directory / DB_NAME
-    return NetState(path, _open_db(path))
+    return NetState(path, _open_db(path, synchronous))
 
 
 class NetState:
@@ -134,6 +152,7 @@ class NetState:
         self.path = path
         self._conn: sqlite3.Connection | None = conn
         self._lock = threading.Lock()
+        self._cache: _LedgerCache | None = None
 
     # -- writes -----------------------------------------------------------------------
 
@@ -148,14 +167,15 @@ class NetState:
         with self._transaction("reserve", alloc_id) as conn:
             if conn.execute("SELECT 1 FROM allocations WHERE alloc_id = ?", (alloc_id,)).fetchone():
                 raise AllocExists(alloc_id)
-            ledger = _read_ledger(conn)
-            reservation = plan(ledger)
+            cache = self._current_cache(conn)
+            reservation = plan(cache.view())
             conn.execute(
                 "INSERT INTO allocations (alloc_id, spec, result, created) VALUES (?, ?, NULL, ?)",
                 (alloc_id, _dumps(render_spec(spec)), time.time()),
             )
             _insert_ports(conn, alloc_id, reservation.ports)
             _insert_leases(conn, alloc_id, reservation.ips)
+        cache.add(alloc_id, reservation)  # committed: the cache follows
         return reservation
 
     def complete(self, alloc_id: str, result: AllocNetwork) -> None:
@@ -171,15 +191,18 @@ class NetState:
     def release(self, alloc_id: str) -> bool:
         """Drop the allocation with its ports and leases; False if it held nothing."""
         with self._transaction("release", alloc_id) as conn:
+            cache = self._current_cache(conn)
+            held = _held_by(conn, alloc_id)
             cursor = conn.execute("DELETE FROM allocations WHERE alloc_id = ?", (alloc_id,))
-            return cursor.rowcount > 0
+        cache.remove(held)  # committed: the cache follows
+        return cursor.rowcount > 0
 
     # -- reads ------------------------------------------------------------------------
 
     def ledger(self) -> Ledger:
         """Every held port and lease, and the round-robin positions."""
         with self._reading("read ledger") as conn:
-            return _read_ledger(conn)
+            return self._current_cache(conn).copy()
 
     def get(self, alloc_id: str) -> AllocRecord | None:
         """The stored allocation `alloc_id`, or None."""
@@ -196,7 +219,23 @@ class NetState:
             rows = conn.execute(
                 "SELECT alloc_id, spec, result, created FROM allocations ORDER BY created, alloc_id"
             ).fetchall()
-            return tuple(self._record(conn, row) for row in rows)
+            ports: dict[str, list[PortMapping]] = {}
+            for alloc_id, label, ip, port, inside in conn.execute(
+                "SELECT alloc_id, label, host_ip, port, alloc_port FROM ports"
+                " ORDER BY alloc_id, position"
+            ):
+                ports.setdefault(alloc_id, []).append(PortMapping(label, ip, port, inside))
+            ips: dict[str, list[str]] = {}
+            for alloc_id, ip in conn.execute(
+                "SELECT alloc_id, ip FROM leases ORDER BY alloc_id, position"
+            ):
+                ips.setdefault(alloc_id, []).append(ip)
+            return tuple(
+                self._parse_record(
+                    row, Reservation(tuple(ports.get(row[0], ())), tuple(ips.get(row[0], ())))
+                )
+                for row in rows
+            )
 
     def close(self) -> None:
         """Close the connection (idempotent)."""
@@ -220,6 +259,7 @@ class NetState:
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 _rollback(conn)
+                self._cache = None  # whatever happened, read it again next time
                 raise StateError(str(self.path), f"{op} {alloc_id}: {exc}") from exc
             except BaseException:
                 _rollback(conn)
@@ -239,15 +279,19 @@ class NetState:
             raise StateError(str(self.path), "the state is closed")
         return self._conn
 
+    def _current_cache(self, conn: sqlite3.Connection) -> _LedgerCache:
+        """The ledger cache, read again when another connection has committed since.
+
+        `PRAGMA data_version` changes on every commit by another connection
+        (another process), never on this one's, whose commits the cache follows.
+        """
+        version = conn.execute("PRAGMA data_version").fetchone()[0]
+        if self._cache is None or self._cache.version != version:
+            self._cache = _LedgerCache.load(conn, version)
+        return self._cache
+
     def _record(self, conn: sqlite3.Connection, row: tuple[Any, ...]) -> AllocRecord:
-        alloc_id, spec_text, result_text, created = row
-        try:
-            spec = parse_spec(json.loads(spec_text))
-            result = None if result_text is None else parse_result(json.loads(result_text))
-        except (NetsetupError, ValueError, TypeError) as exc:
-            raise StateError(
-                str(self.path), f"allocation {alloc_id!r} cannot be read ({exc}); {_FRESH_START}"
-            ) from exc
+        alloc_id = row[0]
         ports = tuple(
             PortMapping(label=label, host_ip=ip, host_port=port, alloc_port=inside)
             for label, ip, port, inside in conn.execute(
@@ -262,24 +306,75 @@ class NetState:
                 "SELECT ip FROM leases WHERE alloc_id = ? ORDER BY position", (alloc_id,)
             )
         )
-        return AllocRecord(alloc_id, spec, Reservation(ports, ips), result, float(created))
+        return self._parse_record(row, Reservation(ports, ips))
+
+    def _parse_record(self, row: tuple[Any, ...], reservation: Reservation) -> AllocRecord:
+        alloc_id, spec_text, result_text, created = row
+        try:
+            spec = parse_spec(json.loads(spec_text))
+            result = None if result_text is None else parse_result(json.loads(result_text))
+        except (NetsetupError, ValueError, TypeError) as exc:
+            raise StateError(
+                str(self.path), f"allocation {alloc_id!r} cannot be read ({exc}); {_FRESH_START}"
+            ) from exc
+        return AllocRecord(alloc_id, spec, reservation, result, float(created))
+
+
+class _LedgerCache:
+    """The ledger in memory, valid for one `PRAGMA data_version` of the connection."""
+
+    def __init__(self, version: int) -> None:
+        self.version = version
+        self.ports: dict[str, dict[int, str]] = {}
+        self.leases: set[str] = set()
+        self.last: dict[str, str] = {}  # meta key -> address
+
+    @classmethod
+    def load(cls, conn: sqlite3.Connection, version: int) -> _LedgerCache:
+        cache = cls(version)
+        for host_ip, port, alloc_id in conn.execute("SELECT host_ip, port, alloc_id FROM ports"):
+            cache.ports.setdefault(host_ip, {})[port] = alloc_id
+        cache.leases = {ip for (ip,) in conn.execute("SELECT ip FROM leases")}
+        cache.last = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        return cache
+
+    def view(self) -> Ledger:
+        """The live cache as a Ledger: for a planner that runs before the next change."""
+        return Ledger(self.ports, self.leases, self._last(4), self._last(6))
+
+    def copy(self) -> Ledger:
+        """A snapshot that later changes do not touch."""
+        ports = {ip: dict(held) for ip, held in self.ports.items() if held}
+        return Ledger(ports, frozenset(self.leases), self._last(4), self._last(6))
+
+    def add(self, alloc_id: str, reservation: Reservation) -> None:
+        for mapping in reservation.ports:
+            self.ports.setdefault(mapping.host_ip, {})[mapping.host_port] = alloc_id
+        for ip in reservation.ips:
+            self.leases.add(ip)
+            self.last[_last_key(ip)] = ip
+
+    def remove(self, held: tuple[list[tuple[str, int]], list[str]]) -> None:
+        ports, ips = held
+        for host_ip, port in ports:
+            self.ports.get(host_ip, {}).pop(port, None)
+        self.leases.difference_update(ips)
+
+    def _last(self, version: int) -> str:
+        return self.last.get(_LAST_IP.format(version=version), "")
 
 
 # -- rows -----------------------------------------------------------------------------
 
 
-def _read_ledger(conn: sqlite3.Connection) -> Ledger:
-    ports: dict[str, dict[int, str]] = {}
-    for host_ip, port, alloc_id in conn.execute("SELECT host_ip, port, alloc_id FROM ports"):
-        ports.setdefault(host_ip, {})[port] = alloc_id
-    leases = frozenset(ip for (ip,) in conn.execute("SELECT ip FROM leases"))
-    meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-    return Ledger(
-        ports=ports,
-        leases=leases,
-        last_ip4=meta.get(_LAST_IP.format(version=4), ""),
-        last_ip6=meta.get(_LAST_IP.format(version=6), ""),
-    )
+def _held_by(conn: sqlite3.Connection, alloc_id: str) -> tuple[list[tuple[str, int]], list[str]]:
+    ports = conn.execute("SELECT host_ip, port FROM ports WHERE alloc_id = ?", (alloc_id,))
+    ips = conn.execute("SELECT ip FROM leases WHERE alloc_id = ?", (alloc_id,))
+    return [(ip, port) for ip, port in ports], [ip for (ip,) in ips]
+
+
+def _last_key(ip: str) -> str:
+    return _LAST_IP.format(version=6 if ":" in ip else 4)
 
 
 def _insert_ports(conn: sqlite3.Connection, alloc_id: str, ports: tuple[PortMapping, ...]) -> None:
@@ -314,11 +409,10 @@ def _insert_leases(conn: sqlite3.Connection, alloc_id: str, ips: tuple[str, ...]
             )
         except sqlite3.IntegrityError:
             raise SubnetExhausted(f"{ip} (already leased)") from None
-        key = _LAST_IP.format(version=6 if ":" in ip else 4)
         conn.execute(
             "INSERT INTO meta (key, value) VALUES (?, ?)"
             " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            (key, ip),
+            (_last_key(ip), ip),
         )
 
 
@@ -374,7 +468,7 @@ def _check_existing(path: Path) -> None:
         conn.close()
 
 
-def _open_db(path: Path) -> sqlite3.Connection:
+def _open_db(path: Path, synchronous: Synchronous) -> sqlite3.Connection:
     where = str(path)
     if path.exists() or path.is_symlink():
         _check_existing(path)
@@ -393,7 +487,9 @@ def _open_db(path: Path) -> sqlite3.Connection:
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode != "wal":
             raise StateError(where, f"cannot switch to WAL mode (got {mode!r})")
-        conn.execute("PRAGMA synchronous = FULL")
+        if synchronous not in ("FULL", "NORMAL"):
+            raise StateError(where, f"synchronous must be FULL or NORMAL, not {synchronous!r}")
+        conn.execute(f"PRAGMA synchronous = {synchronous}")
         conn.execute("PRAGMA foreign_keys = ON")
         conn.execute("BEGIN IMMEDIATE")
         if conn.execute("PRAGMA user_version").fetchone()[0] == 0:

@@ -239,6 +239,22 @@ def test_simulated_reboot_never_hands_out_a_held_port_or_address(tmp_path: Path)
         after.close()
 
 
+def test_changes_by_another_connection_are_seen(tmp_path: Path) -> None:
+    first, second = open_state(tmp_path), open_state(tmp_path)
+    try:
+        first.reserve("a1", SPEC, fixed(Reservation((PortMapping("x", HOST, 7000, 7000),))))
+        assert first.ledger().ports == {HOST: {7000: "a1"}}  # cached from here on
+        second.reserve("a2", SPEC, fixed(Reservation((PortMapping("y", HOST, 7001, 7001),))))
+        assert first.ledger().ports == {HOST: {7000: "a1", 7001: "a2"}}
+        assert second.release("a1")
+        assert first.ledger().ports == {HOST: {7001: "a2"}}
+        with pytest.raises(PortError):  # planned from a fresh ledger, and the key backs it up
+            first.reserve("a3", SPEC, fixed(Reservation((PortMapping("z", HOST, 7001, 7001),))))
+    finally:
+        first.close()
+        second.close()
+
+
 def test_two_writers_on_one_file_never_collide(tmp_path: Path) -> None:
     config = NetConfig(min_dynamic_port=40000, max_dynamic_port=40199)
     spec = NetworkSpec("bridge", (PortSpec("a"), PortSpec("b")))
