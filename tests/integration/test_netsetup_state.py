@@ -37,7 +37,15 @@ from netsetup.errors import (
 )
 from netsetup.ipam import plan_addresses, plan_pools
 from netsetup.ports import plan_policy, plan_ports
-from netsetup.spec import AllocNetwork, NetConfig, NetworkSpec, PortMapping, PortSpec, parse_spec
+from netsetup.spec import (
+    AllocNetwork,
+    NetConfig,
+    NetworkSpec,
+    PortMapping,
+    PortSpec,
+    parse_result,
+    parse_spec,
+)
 from netsetup.state import DB_NAME, Ledger, NetState, Reservation, open_state
 
 set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "waypost-hypothesis")
@@ -379,6 +387,32 @@ def test_parse_spec_rejects(raw: dict[str, object], field: str) -> None:
     with pytest.raises(SpecError) as err:
         parse_spec(raw)
     assert err.value.field == field
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {},
+        {"alloc_id": "a", "mode": "weird", "host_ip": HOST, "ports": []},
+        {"alloc_id": "a", "mode": "host", "host_ip": HOST, "ports": [{"label": "x"}]},
+        {"alloc_id": "a", "mode": "host", "host_ip": HOST, "ports": 5},
+    ],
+)
+def test_parse_result_rejects(raw: dict[str, object]) -> None:
+    with pytest.raises(SpecError) as err:
+        parse_result(raw)
+    assert err.value.field.startswith("result")
+
+
+def test_synchronous_normal_and_bad_values(tmp_path: Path) -> None:
+    state = open_state(tmp_path, synchronous="NORMAL")
+    try:
+        state.reserve("a1", SPEC, fixed(Reservation()))
+        assert state.get("a1") is not None
+    finally:
+        state.close()
+    with pytest.raises(StateError, match="synchronous"):
+        open_state(tmp_path, synchronous="OFF")  # type: ignore[arg-type]
 
 
 # --- property: the real planners over the real file -----------------------------------------
