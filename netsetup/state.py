@@ -25,8 +25,11 @@ plan is typically::
     def plan(ledger: Ledger) -> Reservation:
         ports = plan_ports(spec.ports, policy, ledger.ports, is_free=probe_port_free,
                            static_free=probe_static_port)
-        ips = plan_addresses(v4, v6, ledger.leases, ledger.last_ip4, ledger.last_ip6)
-        return Reservation(ports, ips if spec.mode == "bridge" else ())
+        if spec.mode != "bridge":  # host mode leases nothing (and never fails on a full subnet)
+            return Reservation(ports)
+        return Reservation(
+            ports, plan_addresses(v4, v6, ledger.leases, ledger.last_ip4, ledger.last_ip6)
+        )
 
 The ledger lives in memory and is read again only when ``PRAGMA data_version``
 says another connection committed, so a reservation costs the same with 10 or
