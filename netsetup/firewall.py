@@ -42,8 +42,9 @@ exist; our own forward chain still applies the host-only drop.  iptables-legacy 
 are invisible to nft: a legacy FORWARD DROP must be opened by the operator.
 
 Error handling: a failed `nft` run raises `KernelError(op, object, errno, stderr)`;
-EPERM raises `NotRoot`; no binary raises `ToolMissing("nft")`.  Removing what is not
-there is not an error.
+EPERM raises `NotRoot`; no binary raises `ToolMissing("nft")`; an allocation id that
+cannot be a comment raises `InvalidName`, a mapping of a family the allocation has no
+address of `SpecError`.  Removing what is not there is not an error.
 """
 
 from __future__ import annotations
@@ -56,11 +57,11 @@ import os
 import re
 import shutil
 import weakref
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from netsetup.errors import InvalidName, KernelError, NotRoot, ToolMissing
+from netsetup.errors import InvalidName, KernelError, NotRoot, SpecError, ToolMissing
 from netsetup.spec import AllocNetwork, NetConfig
 
 Family = Literal["ip", "ip6"]
@@ -124,7 +125,7 @@ def check_table(name: str) -> str:
 def plan_elements(alloc: AllocNetwork, *, strict: bool = True) -> tuple[Element, ...]:
     """The map elements of `alloc`'s port mappings (none in host mode).
 
-    A mapping of a family the allocation has no address of raises KernelError, or is
+    A mapping of a family the allocation has no address of raises SpecError, or is
     skipped when not `strict` (removal).
     """
     if alloc.mode != "bridge" or not alloc.ports:
@@ -138,10 +139,10 @@ def plan_elements(alloc: AllocNetwork, *, strict: bool = True) -> tuple[Element,
         if not target and not strict:
             continue
         if not target:
-            raise KernelError(
-                "plan port forward",
-                f"{alloc.alloc_id} {mapping.label} on {mapping.host_ip}",
-                stderr=f"the allocation has no IPv{host.version} address to forward to",
+            raise SpecError(
+                f"ports[{mapping.label}].host_ip",
+                f"{mapping.host_ip} is IPv{host.version} but allocation {alloc.alloc_id}"
+                f" has no IPv{host.version} address to forward to",
             )
         hosts = [str(host)]
         if family == "ip" and mapping.host_ip == alloc.host_ip and str(host) != LOOPBACK4:
@@ -425,7 +426,7 @@ class Firewall:
     def _obj(self, alloc_id: str) -> str:
         return f"inet {self._table} ports of allocation {alloc_id}"
 
-    async def _delete_where(self, op: str, doomed: Any) -> list[Element]:
+    async def _delete_where(self, op: str, doomed: Callable[[Element], bool]) -> list[Element]:
         gone = [e for e in await self.elements() if doomed(e)]
         if gone:
             await self._apply(op, f"table inet {self._table}", render_delete(self._table, gone))

@@ -2,9 +2,10 @@
 
 Run inside a namespace by path, e.g. ``ip netns exec NS python access_agent.py serve ...``:
 
-    serve NAME ADDR:PORT/PROTO ...   bind every listener, print READY, answer each TCP line or
-                                     UDP datagram with "NAME PEER-IP", exit on stdin EOF or
-                                     after MAX_LIFETIME seconds, whichever comes first
+    serve NAME ADDR:PORT/PROTO ...   bind every listener ([V6ADDR]:PORT for IPv6), print
+                                     READY, answer each TCP line or UDP datagram with
+                                     "NAME PEER-IP", exit on stdin EOF or after
+                                     MAX_LIFETIME seconds, whichever comes first
     probe TIMEOUT JSON               JSON is a list of [proto, host, port]; each probe connects
                                      (TCP) or sends one datagram (UDP) concurrently and waits up
                                      to TIMEOUT for the answer; prints one JSON list of results
@@ -43,7 +44,11 @@ class _Echo(asyncio.DatagramProtocol):
 def _split(spec: str) -> tuple[str, int, str]:
     addr, proto = spec.rsplit("/", 1)
     host, port = addr.rsplit(":", 1)
-    return host, int(port), proto
+    return host.strip("[]"), int(port), proto
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
 async def _serve(name: str, specs: list[str]) -> None:
@@ -63,9 +68,11 @@ async def _serve(name: str, specs: list[str]) -> None:
         if proto == "tcp":
             closers.append(await asyncio.start_server(on_tcp, host, port, reuse_address=True))
         else:
-            transport, _ = await loop.create_datagram_endpoint(
-                lambda: _Echo(name), local_addr=(host, port), family=socket.AF_INET
-            )
+            sock = socket.socket(_family(host), socket.SOCK_DGRAM)
+            if sock.family == socket.AF_INET6:  # v6 only, as asyncio does for TCP
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((host, port))
+            transport, _ = await loop.create_datagram_endpoint(lambda: _Echo(name), sock=sock)
             closers.append(transport)
     print("READY", flush=True)
     stdin = asyncio.StreamReader()
@@ -108,7 +115,7 @@ async def _probe_udp(host: str, port: int, wait: float) -> dict[str, Any]:
                 got.set_exception(exc)
 
     transport, _ = await loop.create_datagram_endpoint(
-        _Client, remote_addr=(host, port), family=socket.AF_INET
+        _Client, remote_addr=(host, port), family=_family(host)
     )
     try:
         transport.sendto(b"hello")

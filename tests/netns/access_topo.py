@@ -109,16 +109,19 @@ def iptables_nft() -> str | None:
     return found
 
 
-def set_forward_drop(ns: str) -> str:
-    """FORWARD policy DROP in `ns` the way Docker does it: with iptables-nft when it is
-    installed, else the same chain written with nft.  Which one was used."""
+def set_forward_drop(ns: str, family: str = "ip") -> str:
+    """FORWARD policy DROP in `ns` the way Docker does it: with iptables-nft (or
+    ip6tables-nft) when installed, else the same chain written with nft.  Which one."""
     tool = iptables_nft()
     if tool is not None:
+        if family == "ip6":
+            tool = tool.replace("iptables-nft", "ip6tables-nft")
         sh("ip", "netns", "exec", ns, tool, "-P", "FORWARD", "DROP")
-        return "iptables-nft"
+        return Path(tool).name
     script = (
-        "add table ip filter\n"
-        "add chain ip filter FORWARD { type filter hook forward priority filter ; policy drop ; }\n"
+        f"add table {family} filter\n"
+        f"add chain {family} filter FORWARD"
+        " { type filter hook forward priority filter ; policy drop ; }\n"
     )
     sh(*nft_in(ns), "-f", "-", stdin=script)
     return "nft"
@@ -206,6 +209,11 @@ async def probe(ns: str, probes: Sequence[tuple[str, str, int]], wait: float = 1
 BRIDGE = "nomad"
 GATEWAY = "172.26.64.1"
 BRIDGE_PREFIX = 20
+# IPv6: documentation range on the host's link, a ULA subnet on the bridge
+HOST_IP6 = "2001:db8:100::1"
+EXTERNAL_IP6 = "2001:db8:100::2"
+SUBNET6 = "fd00:26::/64"
+GATEWAY6 = "fd00:26::1"
 
 
 @dataclass(frozen=True)
@@ -218,7 +226,9 @@ class Topology:
     alloc_ips: dict[str, str]  # role -> address on the bridge
 
 
-def build_topology(spaces: Namespaces, roles: Sequence[str], *, br_netfilter: bool) -> Topology:
+def build_topology(
+    spaces: Namespaces, roles: Sequence[str], *, br_netfilter: bool, ipv6: bool = False
+) -> Topology:
     """What links.py makes, by hand with `ip`: the external peer routes the bridge
     subnet via the host, so "not reachable from outside" is the firewall's doing."""
     host, external = spaces.add("h"), spaces.add("e")
@@ -248,7 +258,14 @@ def build_topology(spaces: Namespaces, roles: Sequence[str], *, br_netfilter: bo
     sysctl(host, "net.ipv4.ip_forward", "1")
     sysctl(host, f"net.ipv4.conf.{BRIDGE}.route_localnet", "1")
     if has_br_netfilter(host):
-        sysctl(host, "net.bridge.bridge-nf-call-iptables", "1" if br_netfilter else "0")
+        for key in ("bridge-nf-call-iptables", "bridge-nf-call-ip6tables"):
+            sysctl(host, f"net.bridge.{key}", "1" if br_netfilter else "0")
+    if ipv6:
+        sysctl(host, "net.ipv6.conf.all.forwarding", "1")
+        _addr6(host, "x0", f"{HOST_IP6}/64")
+        _addr6(external, "eth0", f"{EXTERNAL_IP6}/64")
+        sh("ip", "-n", external, "-6", "route", "add", "default", "via", HOST_IP6)
+        _addr6(host, BRIDGE, f"{GATEWAY6}/64")
     allocs, ips = {}, {}
     for i, role in enumerate(roles):
         ns, ip, port = spaces.add(role), f"172.26.64.{i + 2}", f"v{i}"
@@ -273,5 +290,13 @@ def build_topology(spaces: Namespaces, roles: Sequence[str], *, br_netfilter: bo
         sh("ip", "-n", ns, "addr", "add", f"{ip}/{BRIDGE_PREFIX}", "dev", "eth0")
         sh("ip", "-n", ns, "link", "set", "eth0", "up")
         sh("ip", "-n", ns, "route", "add", "default", "via", GATEWAY)
+        if ipv6:
+            _addr6(ns, "eth0", f"fd00:26::{i + 2}/64")
+            sh("ip", "-n", ns, "-6", "route", "add", "default", "via", GATEWAY6)
         allocs[role], ips[role] = ns, ip
     return Topology(host, external, allocs, ips)
+
+
+def _addr6(ns: str, dev: str, address: str) -> None:
+    """An IPv6 address usable at once (no duplicate address detection)."""
+    sh("ip", "-n", ns, "-6", "addr", "add", address, "dev", dev, "nodad")

@@ -31,9 +31,13 @@ from netsetup.firewall import Firewall
 from netsetup.spec import AllocNetwork, NetConfig, PortMapping
 from tests.netns.access_topo import (
     EXTERNAL_IP,
+    EXTERNAL_IP6,
     GATEWAY,
+    GATEWAY6,
     HOST_IP,
+    HOST_IP6,
     SKIP_REASON,
+    SUBNET6,
     Namespaces,
     Server,
     Topology,
@@ -281,5 +285,62 @@ async def test_access_scopes_through_network_manager(
             ("host", "127.0.0.1", mapping["host_port"], ""),
         ]
         assert await observe(topo, still + gone) == expected(still + gone)
+    finally:
+        await asyncio.gather(*(s.close() for s in servers))
+
+
+# --- IPv6 (a bridge with a v6 subnet, a port on a v6 host address) ----------------------
+
+
+async def test_ipv6_scopes_with_forward_drop(spaces: Namespaces) -> None:
+    topo = build_topology(spaces, ["a", "b"], br_netfilter=True, ipv6=True)
+    set_forward_drop(topo.host, "ip")
+    set_forward_drop(topo.host, "ip6")
+    fw = Firewall(NetConfig(subnet6=SUBNET6), nft_command=nft_in(topo.host))
+    await fw.ensure_base()
+    a6, b6 = "fd00:26::2", "fd00:26::3"
+    await fw.add_alloc(
+        AllocNetwork(
+            alloc_id="alloc-a",
+            mode="bridge",
+            host_ip=HOST_IP,
+            ports=(
+                PortMapping("http", HOST_IP, HOST_PORT, FORWARDED),
+                PortMapping("http6", HOST_IP6, HOST_PORT, FORWARDED),
+            ),
+            alloc_ip=A_IP,
+            alloc_ip6=a6,
+        )
+    )
+    cases: list[Case] = [
+        ("external", HOST_IP6, HOST_PORT, f"A {EXTERNAL_IP6}"),
+        ("host", HOST_IP6, HOST_PORT, f"A {HOST_IP6}"),
+        ("b", HOST_IP6, HOST_PORT, f"A {GATEWAY6}"),
+        ("a", HOST_IP6, HOST_PORT, f"A {GATEWAY6}"),  # hairpin
+        ("host", a6, UNFORWARDED, f"A {GATEWAY6}"),
+        ("b", a6, UNFORWARDED, f"A {b6}"),
+        ("external", a6, UNFORWARDED, ""),
+        ("external", a6, LOOPBACK, ""),
+        ("a", EXTERNAL_IP6, EXTERNAL_PORT, f"E {HOST_IP6}"),
+        ("external", HOST_IP, HOST_PORT, f"A {EXTERNAL_IP}"),  # v4 still forwarded
+    ]
+    servers: list[Server] = []
+    try:
+        servers.append(
+            await start_server(
+                topo.allocs["a"],
+                "A",
+                listeners(
+                    [
+                        ("127.0.0.1", LOOPBACK),
+                        ("[::]", UNFORWARDED),
+                        ("[::]", FORWARDED),
+                        ("0.0.0.0", FORWARDED),
+                    ]
+                ),
+            )
+        )
+        servers.append(await start_server(topo.external, "E", listeners([("[::]", EXTERNAL_PORT)])))
+        assert await observe(topo, cases) == expected(cases)
     finally:
         await asyncio.gather(*(s.close() for s in servers))

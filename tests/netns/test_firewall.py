@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from netsetup.errors import InvalidName, KernelError, NotRoot, ToolMissing
+from netsetup.errors import InvalidName, KernelError, NotRoot, SpecError, ToolMissing
 from netsetup.firewall import Firewall, plan_elements, render_base
 from netsetup.spec import AllocNetwork, NetConfig, PortMapping
 from tests.netns.access_topo import (
@@ -350,7 +350,7 @@ async def test_names_that_cannot_go_into_a_script(host_ns: str) -> None:
         await fw.add_alloc(alloc('x" ; flush ruleset ; "', "172.26.64.2", (HOST_IP, 1, 1)))
     with pytest.raises(InvalidName):
         Firewall(NetConfig(nft_table="a b"))
-    with pytest.raises(KernelError, match="no IPv6 address"):
+    with pytest.raises(SpecError, match="no IPv6 address"):
         plan_elements(alloc("v6", "172.26.64.2", ("2001:db8::1", 20000, 80)))
 
 
