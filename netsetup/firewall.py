@@ -354,7 +354,13 @@ class Firewall:
         """The table, maps, chains and rules; accept rules in foreign FORWARD chains."""
         async with _lock():
             await self._apply("ensure base", f"table inet {self._table}", render_base(self._config))
-            families: list[Family] = ["ip", "ip6"] if self._config.subnet6 else ["ip"]
+        await self.ensure_forward_accept()
+
+    async def ensure_forward_accept(self) -> None:
+        """Only the accept rules in foreign FORWARD chains: cheap (one read per family),
+        for a caller that wants to catch a firewall (Docker) started after waypost."""
+        families: list[Family] = ["ip", "ip6"] if self._config.subnet6 else ["ip"]
+        async with _lock():
             for family in families:
                 await self._ensure_foreign(family, foreign_rules(self._config))
 

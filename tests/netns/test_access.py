@@ -188,9 +188,9 @@ async def test_access_scopes(spaces: Namespaces, forward_policy: str, br_netfilt
         await asyncio.gather(*(s.close() for s in servers))
 
 
-async def test_forward_drop_set_after_start_needs_ensure_base(spaces: Namespaces) -> None:
-    """Docker started after waypost: forwarding breaks until ensure_base runs again
-    (reconcile does), then works: the accept rules are re-inserted on top."""
+async def test_forward_drop_set_after_start_needs_ensure_again(spaces: Namespaces) -> None:
+    """Docker started after waypost: forwarding breaks until ensure_forward_accept (or
+    ensure_base) runs again, then works: the accept rules are inserted on top."""
     topo = build_topology(spaces, ["a", "b"], br_netfilter=True)
     fw = Firewall(NetConfig(), nft_command=nft_in(topo.host))
     await fw.ensure_base()
@@ -205,7 +205,7 @@ async def test_forward_drop_set_after_start_needs_ensure_base(spaces: Namespaces
         set_forward_drop(topo.host)
         blocked = [(o, h, p, "") for o, h, p, _ in cases]
         assert await observe(topo, blocked) == expected(blocked)
-        await fw.ensure_base()
+        await fw.ensure_forward_accept()
         assert await observe(topo, cases) == expected(cases)
     finally:
         await asyncio.gather(*(s.close() for s in servers))
