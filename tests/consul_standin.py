@@ -259,10 +259,15 @@ def _decode_scalar(value: Any, spec: str, where: str) -> Any:
     return value
 
 
+_FOLDED: dict[int, dict[str, str]] = {}  # id(Struct) -> casefolded key -> field (the specs live on)
+
+
 def _decode_struct(value: Any, spec: Struct, where: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise _type_error(value, where, spec.name)
-    folded = {name.casefold(): name for name in (*spec.fields, *spec.aliases)}
+    folded = _FOLDED.get(id(spec))
+    if folded is None:
+        folded = _FOLDED[id(spec)] = {n.casefold(): n for n in (*spec.fields, *spec.aliases)}
     out: dict[str, Any] = {}
     aliased: dict[str, Any] = {}
     for key, item in value.items():
@@ -470,26 +475,35 @@ def truncate_output(output: str) -> str:
     return f"{head} ... (captured {OUTPUT_MAX_SIZE} of {len(data)} bytes)"
 
 
+Key = tuple[str, str]  # (node, service ID) or (node, check ID)
+WatchKey = tuple[str, str]  # ("table", name) or ("service", name): what a read depends on
+
+
 class Catalog:
     """Nodes, services and checks of one datacenter, with raft-style indexes.  State.
 
     Every write that changes something takes the next index and stamps it on what it
     touched, on the tables it touched and on the service names it touched; a read's
     index is the highest of those it depends on (Consul's per-table and per-service
-    index entries).  Blocked readers are woken on every write and look again.
+    index entries).  A blocked read parks on the watch keys it depends on and is woken
+    by the writes that touch them.  Secondary maps (by name, by node, by owner) keep
+    every read and write proportional to what it touches, not to the catalog's size.
     """
 
     def __init__(self, datacenter: str) -> None:
         self.datacenter = datacenter
         self.index = 0
         self.nodes: dict[str, NodeEntry] = {}
-        self.services: dict[tuple[str, str], ServiceEntry] = {}
-        self.checks: dict[tuple[str, str], CheckEntry] = {}
+        self.services: dict[Key, ServiceEntry] = {}
+        self.checks: dict[Key, CheckEntry] = {}
         self.tables = {"nodes": 0, "services": 0, "checks": 0}
         self.service_index: dict[str, int] = {}
         self.generation = 0  # bumped by reset(): blocked queries return at once
         self.parked = 0  # blocking queries waiting right now
-        self._changed = asyncio.Event()
+        self._by_name: dict[str, dict[Key, ServiceEntry]] = {}
+        self._by_node: dict[str, dict[str, ServiceEntry]] = {}
+        self._by_owner: dict[Key, dict[str, CheckEntry]] = {}  # (node, service ID or "")
+        self._waiters: dict[WatchKey, set[asyncio.Future[None]]] = {}
 
     def commit(self, change: Change) -> int:
         self.index += 1
@@ -497,12 +511,58 @@ class Catalog:
             self.tables[table] = self.index
         for name in change.services:
             self.service_index[name] = self.index
-        self.wake()
+        keys = {("table", t) for t in change.tables} | {("service", s) for s in change.services}
+        for key in keys:
+            for future in self._waiters.pop(key, ()):
+                if not future.done():
+                    future.set_result(None)
         return self.index
 
-    def wake(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
+    # -- the maps --------------------------------------------------------------------------
+
+    def _put_service(self, entry: ServiceEntry) -> None:
+        key = (entry.node, entry.service["ID"])
+        self._pop_service(key)
+        self.services[key] = entry
+        self._by_name.setdefault(entry.service["Service"], {})[key] = entry
+        self._by_node.setdefault(entry.node, {})[key[1]] = entry
+
+    def _pop_service(self, key: Key) -> ServiceEntry | None:
+        entry = self.services.pop(key, None)
+        if entry is not None:
+            name = entry.service["Service"]
+            self._by_name[name].pop(key, None)
+            if not self._by_name[name]:
+                del self._by_name[name]
+            self._by_node[entry.node].pop(key[1], None)
+        return entry
+
+    def _put_check(self, entry: CheckEntry) -> None:
+        key = (entry.node, entry.check["CheckID"])
+        old = self.checks.get(key)
+        if old is not None and old is not entry:
+            self._drop_check(old)
+        self.checks[key] = entry
+        owner = (entry.node, entry.check["ServiceID"])
+        self._by_owner.setdefault(owner, {})[entry.check["CheckID"]] = entry
+
+    def _unlink_check(self, entry: CheckEntry) -> None:
+        """Out of its owner's map (by its current ServiceID)."""
+        owner = (entry.node, entry.check["ServiceID"])
+        checks = self._by_owner.get(owner, {})
+        if checks.get(entry.check["CheckID"]) is entry:
+            del checks[entry.check["CheckID"]]
+            if not checks:
+                del self._by_owner[owner]
+
+    def _drop_check(self, entry: CheckEntry) -> None:
+        if entry.timer is not None:
+            entry.timer.cancel()
+            entry.timer = None
+        key = (entry.node, entry.check["CheckID"])
+        if self.checks.get(key) is entry:
+            del self.checks[key]
+        self._unlink_check(entry)
 
     # -- writes ----------------------------------------------------------------------------
 
@@ -530,7 +590,7 @@ class Catalog:
         index = self.commit(Change({"nodes", "checks"}))
         node.create_index = node.modify_index = index
         self.nodes[name] = node
-        self.checks[(name, SERF_CHECK_ID)] = CheckEntry(name, serf, None, index, index)
+        self._put_check(CheckEntry(name, serf, None, index, index))
 
     def register(
         self,
@@ -540,8 +600,7 @@ class Catalog:
         replace_checks: bool = False,
     ) -> bool:
         """Add or replace a service and its checks; True if anything changed."""
-        key = (node, service["ID"])
-        old = self.services.get(key)
+        old = self.services.get((node, service["ID"]))
         change = Change()
         if old is None or old.service != service:
             change.tables.add("services")
@@ -556,53 +615,42 @@ class Catalog:
                 change.services.add(service["Service"])
             checks.append((check, ttl))
         wanted = {check["CheckID"] for check, _ in checks}
-        dropped = [
-            entry
-            for entry in self._service_checks(node, service["ID"])
-            if replace_checks and entry.check["CheckID"] not in wanted
-        ]
+        owned = self._by_owner.get((node, service["ID"]), {})
+        dropped = [e for cid, e in owned.items() if replace_checks and cid not in wanted]
         if dropped:
             change.tables.add("checks")
             change.services.add(service["Service"])
         index = self.commit(change) if change else self.index
-        self._apply_service(key, service, old, index)
+        if old is None or old.service != service:
+            created = old.create_index if old else index
+            self._put_service(ServiceEntry(node, service, created, index))
         for check, ttl in checks:
             self._apply_check(node, check, ttl, index)
         for entry in dropped:
             self._drop_check(entry)
         return bool(change)
 
-    def _apply_service(
-        self, key: tuple[str, str], service: dict[str, Any], old: ServiceEntry | None, index: int
-    ) -> None:
-        if old is None:
-            self.services[key] = ServiceEntry(key[0], service, index, index)
-        elif old.service != service:
-            old.service, old.modify_index = service, index
-
     def _apply_check(self, node: str, check: dict[str, Any], ttl: float | None, index: int) -> None:
         prev = self.checks.get((node, check["CheckID"]))
         if prev is None:
             prev = CheckEntry(node, check, ttl, index, index)
-            self.checks[(node, check["CheckID"])] = prev
+            self._put_check(prev)
         elif prev.check != check or prev.ttl != ttl:
+            self._unlink_check(prev)
             prev.check, prev.ttl, prev.modify_index = check, ttl, index
+            self._put_check(prev)
         self._arm_ttl(prev)
 
     def deregister(self, node: str, service_id: str) -> bool:
         """Remove a service and its checks; False if there was no such service."""
-        entry = self.services.pop((node, service_id), None)
+        entry = self.services.get((node, service_id))
         if entry is None:
             return False
         self.commit(Change({"services", "checks"}, {entry.service["Service"]}))
-        for check in self._service_checks(node, service_id):
+        self._pop_service((node, service_id))
+        for check in list(self._by_owner.get((node, service_id), {}).values()):
             self._drop_check(check)
         return True
-
-    def _drop_check(self, entry: CheckEntry) -> None:
-        if entry.timer is not None:
-            entry.timer.cancel()
-        self.checks.pop((entry.node, entry.check["CheckID"]), None)
 
     def update_check(self, node: str, check_id: str, status: str, output: str) -> CheckEntry:
         """A check's new status and output (KeyError if unknown); a new status moves the index."""
@@ -619,12 +667,7 @@ class Catalog:
     def _names_for_check(self, entry: CheckEntry) -> set[str]:
         if entry.check["ServiceName"]:
             return {entry.check["ServiceName"]}
-        return {s.service["Service"] for s in self.services.values() if s.node == entry.node}
-
-    def _service_checks(self, node: str, service_id: str) -> list[CheckEntry]:
-        return [
-            c for c in self.checks.values() if c.node == node and c.check["ServiceID"] == service_id
-        ]
+        return {s.service["Service"] for s in self._by_node.get(entry.node, {}).values()}
 
     def _arm_ttl(self, entry: CheckEntry) -> None:
         """(Re)start a TTL check's timer: not refreshed in time, it turns critical."""
@@ -660,7 +703,11 @@ class Catalog:
         for entry in entries:
             entry.create_index = entry.modify_index = 1
         self.generation += 1
-        self.wake()
+        waiters, self._waiters = self._waiters, {}
+        for futures in waiters.values():
+            for future in futures:
+                if not future.done():
+                    future.set_result(None)
 
     def close(self) -> None:
         for entry in self.checks.values():
@@ -668,48 +715,72 @@ class Catalog:
                 entry.timer.cancel()
                 entry.timer = None
 
-    # -- reads and their indexes -----------------------------------------------------------
+    # -- reads, their indexes and watch keys -----------------------------------------------
 
     def instances(self, name: str) -> list[ServiceEntry]:
-        found = [e for e in self.services.values() if e.service["Service"] == name]
-        return sorted(found, key=lambda e: (e.node, e.service["ID"]))
+        found = self._by_name.get(name, {})
+        return [found[key] for key in sorted(found)]
 
-    def service_read_index(self, name: str, with_checks: bool) -> int:
+    def services_on(self, node: str) -> list[ServiceEntry]:
+        return list(self._by_node.get(node, {}).values())
+
+    def checks_on(self, node: str) -> list[CheckEntry]:
+        """A node's checks: its own, then its services', in ID order."""
+        owners = [(node, "")] + [(node, sid) for sid in sorted(self._by_node.get(node, {}))]
+        found = [self._by_owner.get(owner, {}) for owner in owners]
+        return [checks[cid] for checks in found for cid in sorted(checks)]
+
+    def service_read(self, name: str, with_checks: bool) -> tuple[int, set[WatchKey]]:
         """Consul's maxIndexForService: the service's own entry, else the tables'."""
-        if self.instances(name):
-            return self.service_index.get(name, self.index)
+        if name in self._by_name:
+            return self.service_index.get(name, self.index), {("service", name)}
         tables = ("nodes", "services", "checks") if with_checks else ("nodes", "services")
-        return max(self.tables[t] for t in tables)
+        return max(self.tables[t] for t in tables), {("table", t) for t in tables}
+
+    def table_read(self, table: str) -> tuple[int, set[WatchKey]]:
+        return self.tables[table], {("table", table)}
 
     def node_checks(self, node: str, service_id: str) -> list[CheckEntry]:
-        found = [
-            c
-            for c in self.checks.values()
-            if c.node == node and c.check["ServiceID"] in ("", service_id)
-        ]
-        return sorted(found, key=lambda c: (c.check["ServiceID"] != "", c.check["CheckID"]))
+        """The node's own checks, then the service's, as health results list them."""
+        own = self._by_owner.get((node, ""), {})
+        service = self._by_owner.get((node, service_id), {})
+        return [own[c] for c in sorted(own)] + [service[c] for c in sorted(service)]
 
-    async def wait_beyond(self, index_of: Callable[[], int], min_index: int, wait: float) -> int:
+    async def wait_beyond(
+        self, read: Callable[[], tuple[int, set[WatchKey]]], min_index: int, wait: float
+    ) -> int:
         """Consul's blockingQuery: the read's index once above `min_index`, or at `wait`."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         generation = self.generation
         while True:
-            index = max(1, index_of())
+            index, keys = read()
+            index = max(1, index)
+            remaining = deadline - loop.time()
             if min_index == 0 or index > min_index or self.generation != generation:
                 return index
-            remaining = deadline - loop.time()
             if remaining <= 0:
                 return index
-            changed = self._changed
-            self.parked += 1
-            try:
-                async with asyncio.timeout(remaining):
-                    await changed.wait()
-            except TimeoutError:
-                pass
-            finally:
-                self.parked -= 1
+            await self._park(keys, remaining)
+
+    async def _park(self, keys: set[WatchKey], seconds: float) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        for key in keys:
+            self._waiters.setdefault(key, set()).add(future)
+        self.parked += 1
+        try:
+            async with asyncio.timeout(seconds):
+                await future
+        except TimeoutError:
+            pass
+        finally:
+            self.parked -= 1
+            for key in keys:
+                waiting = self._waiters.get(key)
+                if waiting is not None:
+                    waiting.discard(future)
+                    if not waiting:
+                        del self._waiters[key]
 
 
 # -- renderers: Consul's JSON shapes --------------------------------------------------------
@@ -844,6 +915,10 @@ def _filtered(request: web.Request, items: Iterable[Any]) -> list[Any]:
         return list(items)
     keep = parse_filter(text)
     return [item for item in items if keep(item)]
+
+
+def _owner(entry: ServiceEntry) -> tuple[str, str]:
+    return entry.node, entry.service["ID"]
 
 
 def _has_tags(service: dict[str, Any], tags: list[str]) -> bool:
@@ -1012,8 +1087,8 @@ class ConsulStandin:
         """As GET /v1/agent/checks would return."""
         return {
             entry.check["CheckID"]: render_check(entry, local=True)
-            for entry in self.catalog.checks.values()
-            if entry.node == self.node and entry.check["CheckID"] != SERF_CHECK_ID
+            for entry in self.catalog.checks_on(self.node)
+            if entry.check["CheckID"] != SERF_CHECK_ID
         }
 
     def register_foreign(
@@ -1052,8 +1127,8 @@ class ConsulStandin:
     def _local_services(self) -> list[ServiceEntry]:
         return [
             entry
-            for key, entry in sorted(self.catalog.services.items())
-            if entry.node == self.node and not (self._consul_service and key[1] == "consul")
+            for entry in sorted(self.catalog.services_on(self.node), key=lambda e: e.service["ID"])
+            if not (self._consul_service and entry.service["ID"] == "consul")
         ]
 
     def _register_consul_service(self) -> None:
@@ -1191,12 +1266,14 @@ class ConsulStandin:
 
     # -- catalog and health reads (blocking) -----------------------------------------------
 
-    async def _blocking(self, request: web.Request, index_of: Callable[[], int]) -> int:
+    async def _blocking(
+        self, request: web.Request, read: Callable[[], tuple[int, set[WatchKey]]]
+    ) -> int:
         min_index, wait = _parse_blocking(request.query)
-        return await self.catalog.wait_beyond(index_of, min_index, wait)
+        return await self.catalog.wait_beyond(read, min_index, wait)
 
     async def _catalog_services(self, request: web.Request) -> web.Response:
-        index = await self._blocking(request, lambda: self.catalog.tables["services"])
+        index = await self._blocking(request, lambda: self.catalog.table_read("services"))
         tags: dict[str, set[str]] = {}
         for entry in self.catalog.services.values():
             tags.setdefault(entry.service["Service"], set()).update(entry.service["Tags"])
@@ -1204,7 +1281,7 @@ class ConsulStandin:
 
     async def _catalog_service(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        index = await self._blocking(request, lambda: self.catalog.service_read_index(name, False))
+        index = await self._blocking(request, lambda: self.catalog.service_read(name, False))
         wanted = request.query.getall("tag", [])
         nodes = self.catalog.nodes
         found = [
@@ -1215,25 +1292,26 @@ class ConsulStandin:
         return _json(_filtered(request, found), index)
 
     async def _catalog_nodes(self, request: web.Request) -> web.Response:
-        index = await self._blocking(request, lambda: self.catalog.tables["nodes"])
+        index = await self._blocking(request, lambda: self.catalog.table_read("nodes"))
         nodes = [render_node(n, self.datacenter) for _, n in sorted(self.catalog.nodes.items())]
         return _json(_filtered(request, nodes), index)
 
     async def _health_service(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
         passing_only = _passing_only(request.query)
-        index = await self._blocking(request, lambda: self.catalog.service_read_index(name, True))
+        index = await self._blocking(request, lambda: self.catalog.service_read(name, True))
         wanted = request.query.getall("tag", [])
         found = []
+        nodes: dict[str, dict[str, Any]] = {}  # each node rendered once per answer
         for entry in self.catalog.instances(name):
-            checks = [
-                render_check(c) for c in self.catalog.node_checks(entry.node, entry.service["ID"])
-            ]
             if not _has_tags(entry.service, wanted):
                 continue
+            checks = [render_check(c) for c in self.catalog.node_checks(*_owner(entry))]
             if passing_only and any(c["Status"] != PASSING for c in checks):
                 continue
-            node = render_node(self.catalog.nodes[entry.node], self.datacenter)
+            if entry.node not in nodes:
+                nodes[entry.node] = render_node(self.catalog.nodes[entry.node], self.datacenter)
+            node = nodes[entry.node]
             found.append({"Node": node, "Service": render_node_service(entry), "Checks": checks})
         return _json(_filtered(request, found), index)
 
@@ -1241,7 +1319,7 @@ class ConsulStandin:
         state = request.match_info["state"]
         if state not in (*STATUSES, "any"):
             raise ConsulHttpError(400, "Bad check state")
-        index = await self._blocking(request, lambda: self.catalog.tables["checks"])
+        index = await self._blocking(request, lambda: self.catalog.table_read("checks"))
         checks = [
             render_check(entry)
             for _, entry in sorted(self.catalog.checks.items())
