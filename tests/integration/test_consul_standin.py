@@ -318,7 +318,9 @@ async def test_blocking_query_returns_on_a_change_to_its_data(
     await until(lambda: standin.blocked == 1)
     await put(http, standin, "/v1/agent/service/register", {"Name": "other"})
     await asyncio.sleep(0.05)
-    assert not watch.done()  # another service's change is not this query's
+    assert not watch.done()  # another service's change is not this query's...
+    _, _, headers = await get(http, standin, "/v1/health/service/web")
+    assert int(headers["X-Consul-Index"]) == index  # ...nor in its index (per-service)
     await put(http, standin, "/v1/agent/check/pass/service:web-1")
     async with asyncio.timeout(1.0):
         _, entries, headers = await watch
