@@ -26,6 +26,8 @@ What it does, as Consul does:
 - ``Check``/``Checks`` with a TTL create checks (CheckID given wins), critical unless
   ``Status`` is given; a TTL not refreshed in time turns critical ("TTL expired").
 - Deregistration removes the service and its checks; an unknown ID is a 404.
+  ``/v1/agent/check/register`` and ``/deregister/:id`` add and remove TTL checks on
+  their own (a check without ServiceID is the node's: it counts for all its services).
 - The catalog shows the agent's services on the agent's node at once (a real agent's
   anti-entropy syncs them within seconds).  Every node has the ``serfHealth`` check
   ("Serf Health Status", passing), which health results include, and the server
@@ -177,6 +179,11 @@ SERVICE_DEFINITION = Struct(
     {"enable_tag_override": "EnableTagOverride", "tagged_addresses": "TaggedAddresses"},
 )
 CHECK_UPDATE = Struct("checkUpdate", {"Status": STR, "Output": STR})
+CHECK_DEFINITION = Struct(  # structs.CheckDefinition: a CheckType with ID and ServiceID
+    "CheckDefinition",
+    {**CHECK_TYPE.fields, "ID": STR, "Token": STR},
+    CHECK_TYPE.aliases,
+)
 
 _GO_KINDS = {str: "string", bool: "bool", int: "number", float: "number", list: "array"}
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0}
@@ -640,6 +647,28 @@ class Catalog:
             prev.check, prev.ttl, prev.modify_index = check, ttl, index
             self._put_check(prev)
         self._arm_ttl(prev)
+
+    def add_check(self, node: str, check: dict[str, Any], ttl: float | None) -> None:
+        """A check registered on its own (AgentRegisterCheck): its status starts afresh."""
+        prev = self.checks.get((node, check["CheckID"]))
+        if prev is None or prev.check != check or prev.ttl != ttl:
+            names = {check["ServiceName"]} if check["ServiceName"] else set()
+            names |= self._names_for_check(prev) if prev else set()
+            if not check["ServiceName"]:
+                names |= {s.service["Service"] for s in self.services_on(node)}
+            index = self.commit(Change({"checks"}, names))
+            if prev is not None:
+                self._drop_check(prev)
+            self._put_check(CheckEntry(node, check, ttl, index, index))
+        self._arm_ttl(self.checks[(node, check["CheckID"])])
+
+    def remove_check(self, node: str, check_id: str) -> bool:
+        entry = self.checks.get((node, check_id))
+        if entry is None:
+            return False
+        self.commit(Change({"checks"}, self._names_for_check(entry)))
+        self._drop_check(entry)
+        return True
 
     def deregister(self, node: str, service_id: str) -> bool:
         """Remove a service and its checks; False if there was no such service."""
@@ -1178,6 +1207,8 @@ class ConsulStandin:
             web.put("/v1/agent/service/deregister/{id:.+}", self._deregister),
             web.put("/v1/agent/check/{verb:pass|warn|fail}/{id:.+}", self._check_verb),
             web.put("/v1/agent/check/update/{id:.+}", self._check_update),
+            web.put("/v1/agent/check/register", self._check_register),
+            web.put("/v1/agent/check/deregister/{id:.+}", self._check_deregister),
             web.get("/v1/agent/services", self._agent_services),
             web.get("/v1/agent/checks", self._agent_checks),
             web.get("/v1/agent/self", self._agent_self),
@@ -1223,6 +1254,35 @@ class ConsulStandin:
         if status not in STATUSES:
             raise ConsulHttpError(400, f"Invalid check status: '{status}'")
         self._update_ttl(request.match_info["id"], status, update.get("Output", ""))
+        return web.Response()
+
+    async def _check_register(self, request: web.Request) -> web.Response:
+        """AgentRegisterCheck: a TTL check on the node, or on one of the agent's services."""
+        defn = parse_body(await request.read(), CHECK_DEFINITION)
+        if not defn.get("Name"):
+            raise ConsulHttpError(400, "Missing check name")
+        if defn.get("Status", "") not in ("", *STATUSES):
+            raise ConsulHttpError(400, "Bad check status")
+        _validate_check_type(defn)
+        service_id = defn.get("ServiceID", "")
+        owner = self.catalog.services.get((self.node, service_id))
+        if service_id and owner is None:
+            raise ConsulHttpError(500, f'ServiceID "{service_id}" does not exist')
+        service = owner.service if owner else {"ID": "", "Service": "", "Tags": []}
+        check = plan_checks(
+            service, [defn | {"CheckID": defn.get("ID") or defn["Name"]}], self.node
+        )
+        self.catalog.add_check(self.node, *check[0])
+        return web.Response()
+
+    async def _check_deregister(self, request: web.Request) -> web.Response:
+        check_id = request.match_info["id"]
+        if check_id == SERF_CHECK_ID or not self.catalog.remove_check(self.node, check_id):
+            raise ConsulHttpError(
+                404,
+                f'Unknown check ID "{check_id}". '
+                "Ensure that the check ID is passed, not the check name.",
+            )
         return web.Response()
 
     def _update_ttl(self, check_id: str, status: str, output: str) -> None:

@@ -515,3 +515,27 @@ async def test_pyconsul_acl_denied(http: aiohttp.ClientSession) -> None:
         with sync_client(server, TOKEN) as client:
             assert await call(client.agent.service.register, "web") is True
         assert set(server.agent_services()) == {"web"}
+
+
+async def test_pyconsul_checks_registered_on_their_own(standin: ConsulStandin) -> None:
+    with sync_client(standin) as client:
+        assert await call(client.agent.service.register, "web", service_id="web-1")
+        ttl = consul.Check.ttl("30s")
+        assert await call(client.agent.check.register, "maintenance", check=ttl) is True
+        index, entries = await call(client.health.service, "web")
+        assert [c["CheckID"] for c in entries[0]["Checks"]] == ["maintenance", "serfHealth"]
+        assert (await call(client.health.service, "web", passing=True))[1] == []  # node check
+
+        own = consul.Check.ttl("30s")
+        ok = await call(
+            client.agent.check.register, "db", check_id="c1", service_id="web-1", check=own
+        )
+        assert ok is True and standin.checks()["c1"]["ServiceID"] == "web-1"
+        with pytest.raises(consul.ConsulException, match="does not exist"):
+            await call(client.agent.check.register, "x", check=own, service_id="nope")
+
+        assert await call(client.agent.check.deregister, "maintenance") is True
+        assert await call(client.agent.check.deregister, "maintenance") is False  # a 404
+        new, entries = await call(client.health.service, "web")
+        assert int(new) > int(index)
+        assert [c["CheckID"] for c in entries[0]["Checks"]] == ["serfHealth", "c1"]
