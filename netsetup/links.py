@@ -416,9 +416,26 @@ class Links:
         found = await self.link(name)
         if found is None:
             return False
-        async with _translated("delete link", name, ok=(errno.ENODEV,)):
-            await self._ipr.link("del", index=found.index)
+        await self.delete_link_index(found.index, name)
         return True
+
+    async def delete_link_index(self, index: int, name: str) -> None:
+        """Remove the link with `index` (gone already is fine).
+
+        Slow: the kernel waits for an RCU barrier after unregistering a device (tens of
+        ms on a busy host), which is why NetworkManager detaches first and deletes later.
+        """
+        async with _translated("delete link", name, ok=(errno.ENODEV,)):
+            await self._ipr.link("del", index=index)
+
+    async def detach_link(self, name: str) -> int | None:
+        """Take link `name` down and off its bridge (fast); its index, None when absent."""
+        found = await self.link(name)
+        if found is None:
+            return None
+        async with _translated("detach link", name, ok=(errno.ENODEV,)):
+            await self._ipr.link("set", index=found.index, state="down", master=0)
+        return found.index
 
     async def ensure_bridge(
         self, name: str, gateway: IPv4Interface, gateway6: IPv6Interface | None

@@ -16,7 +16,9 @@ host namespace), so concurrent setups and teardowns never interleave.
                              allocation that is set up returns what it has.
     teardown(alloc_id)       forwards, veth, namespace, reservation: every step runs even
                              when an earlier one fails; failures come back together in
-                             TeardownError.  Unknown allocations are fine (False).
+                             TeardownError.  Unknown allocations are fine (False).  The
+                             veth is detached at once and deleted in the background
+                             (`settle()` waits for that; see _Reaper).
     list()                   the allocations that are set up.
     reconcile()              at start: adopt what is right without touching it, repair
                              what is broken (once), roll back setups a crash interrupted,
@@ -171,6 +173,51 @@ async def _run_undo(alloc_id: str, undo: list[Undo], error: BaseException) -> No
             error.add_note(f"undo failed, possibly left behind: {exc}")
 
 
+class _Reaper:
+    """Deletes detached veths off the caller's path.
+
+    Unregistering a network device makes the kernel wait for an RCU barrier (tens of
+    ms on a busy host), longer than all the rest of a teardown.  A detached veth (down,
+    off the bridge) carries no traffic, so teardown hands its deletion to the reaper and
+    returns; concurrent deletions overlap their waits.  A setup of the same allocation
+    waits for its old veth to be gone; `settle()` waits for all of them.  A crash leaves
+    detached veths behind, which reconcile removes (owned, claimed by nobody).
+    """
+
+    def __init__(self, links: Links) -> None:
+        self._links = links
+        self._pending: dict[str, asyncio.Task[None]] = {}
+        self.errors: list[NetsetupError] = []
+
+    def schedule(self, name: str, index: int) -> None:
+        task = asyncio.create_task(self._delete(name, index), name=f"delete link {name}")
+        self._pending[name] = task
+        task.add_done_callback(lambda done: self._forget(name, done))
+
+    def _forget(self, name: str, task: asyncio.Task[None]) -> None:
+        if self._pending.get(name) is task:
+            del self._pending[name]
+
+    async def _delete(self, name: str, index: int) -> None:
+        try:
+            await self._links.delete_link_index(index, name)
+        except NetsetupError as exc:  # left detached; reconcile removes it
+            log.error("deleting detached link %s failed: %s", name, exc)
+            self.errors.append(exc)
+
+    async def wait_for(self, name: str) -> None:
+        task = self._pending.get(name)
+        if task is not None:
+            await asyncio.shield(task)
+
+    async def settle(self) -> list[NetsetupError]:
+        """Wait for every pending deletion; the failures since the last call."""
+        while self._pending:
+            await asyncio.gather(*self._pending.values())
+        errors, self.errors = self.errors, []
+        return errors
+
+
 async def start_network_manager(
     config: NetConfig, state: NetState, firewall: FirewallPort, *, links: Links | None = None
 ) -> NetworkManager:
@@ -204,9 +251,18 @@ class NetworkManager:
         self._policy: PortPolicy = plan_policy(config, host_ip)
         self._pools = plan_pools(config)
         self._bridge: int | None = None  # index, once bridge, sysctls and nft base are ensured
+        self._reaper = _Reaper(links)
 
-    def close(self) -> None:
-        self._links.close()
+    async def settle(self) -> list[NetsetupError]:
+        """Wait until detached veths are deleted (see _Reaper); what failed meanwhile."""
+        return await self._reaper.settle()
+
+    async def close(self) -> None:
+        """Finish pending deletions, then release the netlink socket."""
+        try:
+            await self._reaper.settle()
+        finally:
+            self._links.close()
 
     # -- reads ------------------------------------------------------------------------
 
@@ -268,6 +324,7 @@ class NetworkManager:
         links, name = self._links, alloc.alloc_id
         await links.create_namespace(name)
         undo.append(lambda: links.delete_namespace(name))
+        await self._reaper.wait_for(alloc.host_veth)  # a teardown of the same id just ran
         await links.create_veth(alloc.host_veth, name, bridge, hairpin=self.config.hairpin)
         undo.append(lambda: links.delete_link(alloc.host_veth))
         await self._configure_inside(alloc)
@@ -361,8 +418,10 @@ class NetworkManager:
             return
         if alloc.ports:
             await _step(errors, self._firewall.remove_alloc(alloc))
-        await _step(errors, links.delete_link(alloc.host_veth))
+        index = await _step(errors, links.detach_link(alloc.host_veth))
         await _step(errors, links.delete_namespace(alloc_id))
+        if isinstance(index, int):
+            self._reaper.schedule(alloc.host_veth, index)
 
     # -- reconcile --------------------------------------------------------------------
 

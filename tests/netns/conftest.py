@@ -102,11 +102,12 @@ def ip_json(ns: str, *args: str) -> Any:
 
 
 def owned_links(ns: str, prefix: str = "wp") -> list[str]:
-    """Names of links in `ns` that netsetup owns (veth_prefix + hash)."""
+    """Names of links in `ns` that netsetup owns (veths named veth_prefix + hash)."""
     return sorted(
         link["ifname"]
-        for link in ip_json(ns, "link", "show")
+        for link in ip_json(ns, "-d", "link", "show")
         if is_owned_link_name(prefix, link["ifname"])
+        and link.get("linkinfo", {}).get("info_kind") == "veth"
     )
 
 
@@ -136,8 +137,35 @@ def namespaces(prefix: str) -> list[str]:
         return []
 
 
+def is_namespace(name: str) -> bool:
+    """True when a namespace is mounted at /var/run/netns/<name>."""
+    try:
+        return (NETNS_DIR / name).stat().st_dev != NETNS_DIR.stat().st_dev
+    except FileNotFoundError:
+        return False
+
+
 def delete_namespace(name: str) -> None:
+    """`ip netns del`, and whatever a test put at that path instead (a file, a directory)."""
     run("ip", "netns", "del", name, check=False)
+    path = NETNS_DIR / name
+    if path.is_dir() and not is_namespace(name):
+        shutil.rmtree(path)
+    elif path.exists() and not is_namespace(name):
+        path.unlink()
+
+
+def nft(ns: str, script: str) -> None:
+    """Run an nft script inside `ns`."""
+    done = subprocess.run(
+        ["ip", "netns", "exec", ns, "nft", "-f", "-"],
+        input=script,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
 
 
 # --- namespaces -----------------------------------------------------------------------------
@@ -175,6 +203,13 @@ class Topology:
         for name in (self.host, self.external):
             delete_namespace(name)
 
+    def reboot(self) -> None:
+        """A simulated reboot: every namespace of this topology gone (allocations' too,
+        with the bridge, the veths and the nft table), then host and external rebuilt
+        with the same names and addresses.  Stop the driver first."""
+        self.close()
+        _wire(self)
+
 
 def build_topology(run_prefix: str) -> Topology:
     n = next(_counter)
@@ -187,6 +222,11 @@ def build_topology(run_prefix: str) -> Topology:
         host_ip=f"10.{octet}.0.1",
         external_ip=f"10.{octet}.0.2",
     )
+    _wire(topo)
+    return topo
+
+
+def _wire(topo: Topology) -> None:
     try:
         run("ip", "netns", "add", topo.host)
         run("ip", "netns", "add", topo.external)
@@ -200,7 +240,6 @@ def build_topology(run_prefix: str) -> Topology:
     except BaseException:
         topo.close()
         raise
-    return topo
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ no id: {"event": "ready", "host_ip": ...}, {"event": "paused", "step": ..., "all
     setup {alloc, spec}    spec as netsetup.spec.render_spec; the result as render_result
     teardown {alloc}       true when the state knew the allocation
     list / get {alloc}     results
+    settle                 wait for background veth deletions; their failures
     reconcile              the ReconcileReport as a dict
     fault {step, action, alloc?}
                            the next call of `step` (create_namespace, create_veth,
@@ -207,6 +208,8 @@ class Session:
             return None
         if op == "host_ip":
             return manager.host_ip
+        if op == "settle":
+            return [str(e) for e in await manager.settle()]
         raise ValueError(f"unknown op {op!r}")
 
 
@@ -258,7 +261,7 @@ async def serve(config: NetConfig) -> None:
         if tasks:
             await asyncio.wait(tasks, timeout=30)
     finally:
-        manager.close()
+        await manager.close()
         state.close()
 
 
