@@ -109,15 +109,27 @@ def diff_service(
     """The events that turn instances `old` into `new` (one service key), ordered by id."""
     before = {inst.id: inst for inst in old}
     after = {inst.id: inst for inst in new}
+    pairs = [(before.get(i), after.get(i)) for i in sorted(before.keys() | after.keys())]
+    return diff_instances(pairs, index, datacenter)
+
+
+def diff_instances(
+    pairs: Iterable[tuple[Instance | None, Instance | None]], index: int, datacenter: str
+) -> list[Event]:
+    """The events of (before, after) pairs of one instance id each (None: absent)."""
     events = []
-    for ident in sorted(before.keys() | after.keys()):
-        was, now = before.get(ident), after.get(ident)
+    for was, now in pairs:
+        if was is now:
+            continue
         if now is None:
             assert was is not None
             events.append(render_event(DEREGISTRATION, was, index, datacenter))
         elif was is None:
             events.append(render_event(REGISTRATION, now, index, datacenter))
-        elif was != now:
+        elif was.key != now.key:  # moved to another service: gone from one, new in the other
+            events.append(render_event(DEREGISTRATION, was, index, datacenter))
+            events.append(render_event(REGISTRATION, now, index, datacenter))
+        else:
             kind = _change_kind(was, now)
             if kind:
                 events.append(render_event(kind, now, index, datacenter))
@@ -218,11 +230,8 @@ class EventLog:
 
     def _changed(self, snap: Snapshot, keys: frozenset[str]) -> None:
         old, self._last = self._last, snap
-        events: list[Event] = []
-        for key in sorted(keys):
-            events += diff_service(
-                old.services.get(key, ()), snap.services.get(key, ()), snap.index, self.datacenter
-            )
+        pairs = [(old.instances.get(i), snap.instances.get(i)) for i in sorted(snap.changed_ids)]
+        events = diff_instances(pairs, snap.index, self.datacenter)
         if not events:
             return
         self._batches.append((snap.index, events))

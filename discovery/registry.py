@@ -46,6 +46,9 @@ class Snapshot:
     allocs: Mapping[str, Alloc] = field(default_factory=lambda: MappingProxyType({}))
     service_index: Mapping[str, int] = field(default_factory=immutables.Map)
     local_node: str = ""
+    # Ids of the instances added, changed or removed by the change that made this snapshot,
+    # so subscribers can follow a change in O(its size) rather than O(the services it touched).
+    changed_ids: frozenset[str] = frozenset()
 
     def service(self, name: str) -> tuple[Instance, ...]:
         """Instances of service `name` (case-insensitive), any health."""
@@ -200,6 +203,7 @@ class Registry:
             return found
 
         owners = self._check_owner
+        changed_ids: set[str] = set()
         index = old.index + 1
         for inst in upserts:
             prev = instances.get(inst.id)
@@ -212,6 +216,7 @@ class Registry:
                 for check in prev.checks:
                     owners.pop(check.id, None)
             instances[inst.id] = inst
+            changed_ids.add(inst.id)
             bucket(inst.key)[inst.id] = inst
             for check in inst.checks:
                 owners[check.id] = inst.id
@@ -219,6 +224,7 @@ class Registry:
             prev = instances.get(ident)
             if prev is not None:
                 del instances[ident]
+                changed_ids.add(ident)
                 bucket(prev.key).pop(prev.id, None)
                 for check in prev.checks:
                     if owners.get(check.id) == ident:
@@ -255,6 +261,7 @@ class Registry:
             allocs=MappingProxyType(alloc_map) if allocs_changed else old.allocs,
             service_index=service_index.finish(),
             local_node=old.local_node,
+            changed_ids=frozenset(changed_ids),
         )
         self._snapshot = snap
         changed = frozenset(members)

@@ -587,22 +587,14 @@ class Store:
         last = self._last if self._last is not None else snap
         self._last = snap
         queued = self._instances
-        for key in changed:
-            before = {i.id: i for i in last.services.get(key, ())}
-            for inst in snap.services.get(key, ()):
-                if before.pop(inst.id, None) is inst:
-                    continue
-                if inst.source in PERSISTED_SOURCES:
-                    queued[inst.id] = inst
-                else:  # maybe it was persisted under another source (or service)
-                    old = last.instances.get(inst.id)
-                    if old is not None and old.source in PERSISTED_SOURCES:
-                        queued[inst.id] = None
-            for gone in before.values():  # removed, or moved to another service
-                if gone.source in PERSISTED_SOURCES:
-                    now = snap.instances.get(gone.id)
-                    if now is None or now.source not in PERSISTED_SOURCES:
-                        queued[gone.id] = None
+        for ident in snap.changed_ids:
+            inst = snap.instances.get(ident)
+            if inst is not None and inst.source in PERSISTED_SOURCES:
+                queued[ident] = inst
+            else:  # removed, or no longer of a persisted source: drop its row if it had one
+                was = last.instances.get(ident)
+                if was is not None and was.source in PERSISTED_SOURCES:
+                    queued[ident] = None
         if snap.allocs is not last.allocs:
             for ident, alloc in snap.allocs.items():
                 if last.allocs.get(ident) is not alloc:
