@@ -194,6 +194,10 @@ def _check_str(value: object, fieldname: str, limit: int, *, empty: bool = False
         raise ValidationError(fieldname, f"is longer than {limit} characters")
     if any(ord(c) < 32 for c in value):
         raise ValidationError(fieldname, "contains control characters")
+    try:
+        value.encode()
+    except UnicodeEncodeError:  # lone surrogates: no JSON or DNS text can carry them
+        raise ValidationError(fieldname, "is not valid Unicode text") from None
     return value
 
 

@@ -263,3 +263,12 @@ def test_validation_error_within() -> None:
     assert (nested.field, nested.message) == ("service[2].port", "is out of range")
     assert str(nested) == "service[2].port: is out of range"
     assert err.within("").field == "port"
+
+
+@pytest.mark.parametrize("field", ["tags", "meta", "id"])
+def test_lone_surrogates_are_rejected(field: str) -> None:
+    bad = "caf\udce9"
+    values: dict[str, object] = {"tags": [bad], "meta": {"k": bad}, "id": bad}
+    kwargs = {field: values[field]}
+    with pytest.raises(ValidationError, match="not valid Unicode"):
+        make_instance(service="web", node="n1", address="10.0.0.1", **kwargs)  # type: ignore[arg-type]
