@@ -43,13 +43,17 @@ What it does, as Consul does:
   "ACL not found"; ``/v1/status/*`` needs none.  Errors are text/plain, as Consul's.
 - ``?dc=`` naming another datacenter: 500 "No path to datacenter".
 
+- Agent endpoints carry no index and ``/v1/agent/services`` does not block; the
+  agent's own view has no ``consul`` service and no serfHealth check.
+
 Where it differs (on purpose; a test that relies on these is testing the stand-in):
 only TTL checks (other check types are refused with a 400 naming the stand-in);
-no DeregisterCriticalServiceAfter reaping; agent endpoints carry no index, as in
-Consul, and ``/v1/agent/services`` does not block; output-only TTL updates do not move
-the index (Consul defers them by check_update_interval); ``?filter=`` knows only
-``Sel == "v"``, ``Sel != "v"``, ``"v" in Sel`` joined by ``and``; no namespaces,
-partitions, Connect, prepared queries, KV or sessions.
+no DeregisterCriticalServiceAfter reaping; output-only TTL updates do not move the
+index (Consul defers them by check_update_interval); ``?filter=`` knows only
+``Sel == "v"``, ``Sel != "v"``, ``"v" in Sel`` joined by ``and``; ACLs are all or
+nothing (no policies, reads are refused rather than filtered); only the endpoints in
+:meth:`ConsulStandin._routes` (no ``/v1/catalog/register``, KV, sessions, Connect,
+namespaces or partitions: aiohttp answers 404/405).
 
 Fault switches for tests: ``fail_status`` (every request answers that status),
 ``delay`` (seconds before every answer), :meth:`stop_listening` / :meth:`resume`
@@ -206,20 +210,6 @@ def parse_go_duration(text: str) -> float:
     if not rest:
         raise ValueError(f'time: invalid duration "{text}"')
     return sign * total
-
-
-def render_go_duration(seconds: float) -> str:
-    """Go's time.Duration.String() for a whole number of milliseconds or more."""
-    if seconds == 0:
-        return "0s"
-    if seconds < 1:
-        return f"{round(seconds * 1000)}ms"
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    text = f"{secs:g}s"
-    if hours:
-        return f"{int(hours)}h{int(minutes)}m{text}"
-    return f"{int(minutes)}m{text}" if minutes else text
 
 
 def _type_error(value: Any, where: str, go_type: str) -> ValueError:
