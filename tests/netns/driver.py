@@ -3,6 +3,9 @@
 Started by tests/netns/conftest.py (`Driver`) as
 
     python -m tests.netns.driver --netns /var/run/netns/<host> --config '<NetConfig JSON>'
+    python -m tests.netns.driver --netns /var/run/netns/<host> --cli up --alloc ...
+
+(the second form runs `waypost net ...` in that namespace and exits with its code).
 
 It joins the namespace first (setns on the main thread, before any other thread
 exists), so netlink, `nft` and /proc/sys/net all act on that namespace, while it
@@ -47,6 +50,7 @@ from collections.abc import Collection
 from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
 from typing import Any
 
+from netsetup import cli
 from netsetup.errors import KernelError, NetsetupError
 from netsetup.firewall import Element, Firewall
 from netsetup.links import start_links
@@ -268,9 +272,12 @@ async def serve(config: NetConfig) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--netns", required=True, help="namespace file to join first")
-    parser.add_argument("--config", required=True, help="NetConfig fields as a JSON object")
+    parser.add_argument("--config", help="NetConfig fields as a JSON object")
+    parser.add_argument("--cli", nargs=argparse.REMAINDER, help="run `waypost net` instead")
     args = parser.parse_args()
     _join_namespace(args.netns)
+    if args.cli is not None:
+        sys.exit(cli.main(args.cli))
     asyncio.run(serve(parse_config(json.loads(args.config))))
 
 

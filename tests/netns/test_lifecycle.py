@@ -10,16 +10,21 @@ of a setup, a simulated reboot, and twenty concurrent setups and teardowns.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from netsetup import cli
 from netsetup.firewall import Element, plan_elements, render_add, render_delete
 from netsetup.links import veth_name
 from netsetup.spec import parse_result
 from tests.netns.conftest import (
     NETNS_DIR,
+    ROOT,
     Driver,
     DriverError,
     EchoServer,
@@ -329,3 +334,88 @@ def test_twenty_concurrent_setups_and_teardowns_never_collide(
     assert driver.call("settle") == []
     assert namespaces(topology.prefix + "-") == [] and owned_links(topology.host) == []
     assert nft_elements(topology.host) == [] and driver.call("list") == []
+
+
+# --- the operator CLI (waypost net) ---------------------------------------------------------------
+
+
+def waypost_net(topology: Topology, *argv: str) -> tuple[int, str, str]:
+    """`waypost net <argv>` inside the host namespace: exit code, stdout, stderr."""
+    command = [sys.executable, "-m", "tests.netns.driver"]
+    command += ["--netns", str(NETNS_DIR / topology.host), "--cli", *argv]
+    done = subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
+    )
+    return done.returncode, done.stdout, done.stderr
+
+
+def test_cli_up_list_down_share_the_agents_state(
+    topology: Topology, start_driver: StartDriver, tmp_path: Path
+) -> None:
+    data = ["--data-dir", str(tmp_path / "data")]
+    alloc = topology.alloc_id("cli")
+    code, out, err = waypost_net(
+        topology, "up", "--alloc", alloc, "--port", "http::80", "--port", "dns:8053:53", *data
+    )
+    assert code == 0, err
+    made = json.loads(out)
+    assert [(p["label"], p["alloc_port"]) for p in made["ports"]] == [("http", 80), ("dns", 53)]
+    assert made["ports"][1]["host_port"] == 8053
+    assert made["env"]["NOMAD_HOST_PORT_dns"] == "8053" and made["env"]["NOMAD_PORT_dns"] == "53"
+    assert made["env"]["NOMAD_ALLOC_IP_http"] == made["alloc_ip"]
+    assert_forwarding(topology, made)
+
+    agent = start_driver(topology)  # the agent sees it, and reconcile leaves it alone
+    assert [a["alloc_id"] for a in agent.call("list")] == [alloc]
+    assert agent.call("reconcile")["adopted"] == [alloc]
+    agent.stop()
+    code, out, _ = waypost_net(topology, "list", *data)
+    assert code == 0 and [a["alloc_id"] for a in json.loads(out)] == [alloc]
+    code, out, _ = waypost_net(topology, "reconcile", *data)
+    assert code == 0 and json.loads(out)["adopted"] == [alloc]
+    code, out, _ = waypost_net(topology, "down", "--alloc", alloc, *data)
+    assert code == 0 and json.loads(out) == {"alloc_id": alloc, "known": True}
+    assert namespaces(alloc) == [] and owned_links(topology.host) == []
+    assert nft_elements(topology.host) == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "message"),
+    [
+        (["up", "--alloc", "x", "--port", "a:b"], 2, "not a port number"),
+        (["up", "--alloc", "x", "--port", "a:1:2:3"], 2, "LABEL[:STATIC][:TO]"),
+        (["up", "--alloc", "a/b"], 2, "invalid namespace name"),
+        (["up", "--alloc", "x", "--mode", "nat"], 2, "invalid choice"),
+        (["down"], 2, "--alloc"),
+    ],
+)
+def test_cli_usage_errors_change_nothing(
+    topology: Topology, tmp_path: Path, argv: list[str], code: int, message: str
+) -> None:
+    returned, out, err = waypost_net(topology, *argv, "--data-dir", str(tmp_path / "d"))
+    assert (returned, out) == (code, "") and message in err
+    assert owned_links(topology.host) == [] and namespaces(topology.prefix + "-") == []
+
+
+def test_cli_config_file_and_its_errors(topology: Topology, tmp_path: Path) -> None:
+    config = tmp_path / "net.json"
+    config.write_text(json.dumps({"bridge": "wpbr0", "subnet": "10.99.0.0/24"}))
+    data = ["--data-dir", str(tmp_path / "d"), "--config", str(config)]
+    code, out, err = waypost_net(topology, "up", "--alloc", topology.alloc_id(), *data)
+    assert code == 0, err
+    assert json.loads(out)["bridge"] == "wpbr0" and json.loads(out)["alloc_ip"] == "10.99.0.2"
+    config.write_text(json.dumps({"bridge": "wpbr0", "subnet": "10.99.0.0/24", "nope": 1}))
+    code, _, err = waypost_net(topology, "list", *data)
+    assert code == 2 and "nope: unknown NetConfig field" in err
+
+
+def test_cli_needs_root_for_kernel_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # as another uid (the interpreter under /root is not runnable by nobody here)
+    monkeypatch.setattr(cli.os, "geteuid", lambda: 65534)
+    for verb in (["down", "--alloc", "x"], ["reconcile"], ["up", "--alloc", "x"]):
+        assert cli.main([*verb, "--data-dir", str(tmp_path / "d")]) == 3
+        out, err = capsys.readouterr()
+        assert out == "" and "needs root" in err
+    assert not (tmp_path / "d").exists()  # refused before the state was opened
