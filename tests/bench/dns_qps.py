@@ -216,7 +216,7 @@ def run_size(size: int, args: argparse.Namespace, report: Report, workdir: Path)
                     report.errors.append(f"N={size} {kind}: {type(exc).__name__}: {exc}")
         for kind, done in rounds.items():
             if done:
-                rss = servers[kind].rss_kib()
+                rss = servers[kind].rss_kib() if servers[kind].alive() else 0
                 measured = plan_measurement(kind, size, done, rss, rss_start[kind])
                 report.measurements.append(measured)
 
@@ -303,7 +303,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = Report()
     with tempfile.TemporaryDirectory(prefix="bench-dns-") as tmp:
         for size in args.size_list:
-            run_size(size, args, report, Path(tmp))
+            try:
+                run_size(size, args, report, Path(tmp))
+            except Exception as exc:  # report what was measured so far
+                report.errors.append(f"N={size}: {type(exc).__name__}: {exc}")
     if "waypost" in args.server_list and args.changes > 0:
         realtime = args.realtime != "off"
         for size in args.size_list:
