@@ -415,6 +415,10 @@ def _setns(fd: int) -> None:
         raise OSError(code, f"setns: {os.strerror(code)}")
 
 
+def _family(ip: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in ip else socket.AF_INET
+
+
 def ns_socket(ns: str, kind: int, family: int = socket.AF_INET) -> socket.socket:
     """A socket living in namespace `ns`: created by a thread that setns()s there."""
     made: list[socket.socket | BaseException] = []
@@ -456,8 +460,8 @@ class EchoServer:
     def __init__(self, ns: str, ip: str, port: int = 0, name: str = "echo") -> None:
         self.name = name
         self.ip = ip
-        self._tcp = ns_socket(ns, socket.SOCK_STREAM)
-        self._udp = ns_socket(ns, socket.SOCK_DGRAM)
+        self._tcp = ns_socket(ns, socket.SOCK_STREAM, _family(ip))
+        self._udp = ns_socket(ns, socket.SOCK_DGRAM, _family(ip))
         try:
             self._tcp.bind((ip, port))
             self.port: int = self._tcp.getsockname()[1]
@@ -506,7 +510,7 @@ class EchoServer:
 
 def tcp_ask(ns: str, ip: str, port: int, timeout: float = 3.0) -> str:
     """Connect from `ns` to ip:port, send a line, return the answer (OSError otherwise)."""
-    with ns_socket(ns, socket.SOCK_STREAM) as sock:
+    with ns_socket(ns, socket.SOCK_STREAM, _family(ip)) as sock:
         sock.settimeout(timeout)
         sock.connect((ip, port))
         sock.sendall(b"hello\n")
@@ -515,7 +519,7 @@ def tcp_ask(ns: str, ip: str, port: int, timeout: float = 3.0) -> str:
 
 def udp_ask(ns: str, ip: str, port: int, timeout: float = 3.0) -> str:
     """Send one datagram from `ns` to ip:port, return the answer (OSError otherwise)."""
-    with ns_socket(ns, socket.SOCK_DGRAM) as sock:
+    with ns_socket(ns, socket.SOCK_DGRAM, _family(ip)) as sock:
         sock.settimeout(timeout)
         sock.sendto(b"hello", (ip, port))
         return sock.recv(2048).decode().strip()

@@ -7,6 +7,7 @@ to the external namespace (masqueraded), forwarding from the external namespace.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -118,7 +119,9 @@ def test_bridge_mac_stays_when_allocations_come_and_go(topology: Topology, drive
     assert ip_json(topology.host, "link", "show", "nomad")[0]["address"] == mac
 
 
-def test_hairpin_off_when_configured(topology: Topology, start_driver) -> None:  # type: ignore[no-untyped-def]
+def test_hairpin_off_when_configured(
+    topology: Topology, start_driver: Callable[..., Driver]
+) -> None:
     driver = start_driver(topology, config={"hairpin": False})
     alloc = topology.alloc_id()
     driver.setup(alloc)
@@ -179,3 +182,32 @@ def test_host_address_follows_the_default_route(topology: Topology, driver: Driv
 def test_data_dir_holds_the_state(topology: Topology, driver: Driver, tmp_path: Path) -> None:
     driver.setup(topology.alloc_id())
     assert (tmp_path / "data" / "netsetup.db").is_file()
+
+
+def test_ipv6_subnet_gives_the_allocation_a_v6_address_and_route(
+    topology: Topology, start_driver: Callable[..., Driver]
+) -> None:
+    driver = start_driver(topology, config={"subnet6": "fd00:77::/64"})
+    alloc = topology.alloc_id()
+    result = driver.setup(alloc)
+    assert result["alloc_ip6"].startswith("fd00:77::")
+    [eth0] = ip_json(alloc, "addr", "show", "eth0")
+    v6 = [a for a in eth0["addr_info"] if a["family"] == "inet6" and a["scope"] == "global"]
+    assert [(a["local"], a["prefixlen"]) for a in v6] == [(result["alloc_ip6"], 64)]
+    assert not any(a.get("tentative") for a in v6)  # no DAD wait before first use
+    [default] = ip_json(alloc, "-6", "route", "show", "default")
+    assert default["gateway"] == "fd00:77::1"
+    assert sysctl(topology.host, "net.ipv6.conf.all.forwarding") == "1"
+    with EchoServer(topology.host, "fd00:77::1", name="gw6") as server:
+        assert tcp_ask(alloc, "fd00:77::1", server.port) == (f"gw6 {result['alloc_ip6']}")
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [({"network_interface": "ext0"}, "ext0"), ({"advertise": "192.0.2.44"}, "192.0.2.44")],
+)
+def test_host_address_from_the_config(
+    topology: Topology, start_driver: Callable[..., Driver], config: dict[str, str], expected: str
+) -> None:
+    driver = start_driver(topology, config=config)
+    assert driver.host_ip == (topology.host_ip if expected == "ext0" else expected)
