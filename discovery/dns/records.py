@@ -69,7 +69,7 @@ class Prepared:
     outside: bool = False  # not in any zone: REFUSED or forwarded
     dep: str | None = DEP_ALWAYS  # cache dependency: a service key, DEP_ALWAYS or DEP_NODES
     # Renderings memoized by discovery.dns.render, keyed by (size budget, answer limit).
-    memo: dict[tuple[int, int], tuple[Body, ...]] = field(
+    memo: dict[tuple[int, int], list[Body | None]] = field(
         default_factory=dict, compare=False, repr=False
     )
 

@@ -14,7 +14,6 @@ Additional section always matches the Answer section (Consul's syncExtra).
 
 from __future__ import annotations
 
-import itertools
 import math
 import random
 
@@ -81,27 +80,32 @@ def render(
 
 
 def pick_body(prepared: Prepared, start: int, budget: int, max_answers: int) -> Body:
-    """A body in a random order: from the memoized renderings when the set is small."""
+    """A body in a random order: memoized per order when the set is small.
+
+    Each order is rendered the first time it is drawn, so a cache miss costs
+    one rendering, not one per possible order.
+    """
     memo = prepared.memo
     key = (budget, max_answers)
-    variants = memo.get(key)
-    if variants is None:
+    slots = memo.get(key)
+    if slots is None:
         orders = all_orders(prepared)
         if orders is None:
             return render_body(prepared, ordered(prepared), start, budget, max_answers)
-        variants = memo[key] = tuple(
-            render_body(prepared, order, start, budget, max_answers) for order in orders
-        )
-    if len(variants) == 1:
-        return variants[0]
-    return variants[int(_RANDOM() * len(variants))]
+        slots = memo[key] = [None] * len(orders)
+    pick = 0 if len(slots) == 1 else int(_RANDOM() * len(slots))
+    body = slots[pick]
+    if body is None:
+        order = nth_order(prepared, pick)
+        body = slots[pick] = render_body(prepared, order, start, budget, max_answers)
+    return body
 
 
-def all_orders(prepared: Prepared) -> list[tuple[Answer, ...]] | None:
-    """Every answer order the shuffle can produce, or None if weighted or too many."""
+def all_orders(prepared: Prepared) -> range | None:
+    """Numbers for every answer order the shuffle can produce; None if weighted or too many."""
     groups = prepared.groups
     if groups is None:
-        return [prepared.answers]
+        return range(1)
     total = 1
     for members, weights in groups:
         if weights is not None:
@@ -109,8 +113,29 @@ def all_orders(prepared: Prepared) -> list[tuple[Answer, ...]] | None:
         total *= math.factorial(len(members))
         if total > MAX_VARIANTS:
             return None
-    levels = [list(itertools.permutations(members)) for members, _ in groups]
-    return [tuple(a for level in combo for a in level) for combo in itertools.product(*levels)]
+    return range(total)
+
+
+def nth_order(prepared: Prepared, number: int) -> tuple[Answer, ...]:
+    """Order number `number` of all_orders(): a permutation per priority level (mixed radix)."""
+    groups = prepared.groups
+    if groups is None:
+        return prepared.answers
+    out: list[Answer] = []
+    for members, _ in groups:
+        number, digit = divmod(number, math.factorial(len(members)))
+        out.extend(_permutation(members, digit))
+    return tuple(out)
+
+
+def _permutation(members: tuple[Answer, ...], number: int) -> list[Answer]:
+    """The `number`-th permutation of `members` in the factorial number system."""
+    pool = list(members)
+    out = []
+    for size in range(len(pool), 0, -1):
+        index, number = divmod(number, math.factorial(size - 1))
+        out.append(pool.pop(index))
+    return out
 
 
 def ordered(prepared: Prepared) -> tuple[Answer, ...] | list[Answer]:
