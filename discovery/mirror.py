@@ -43,8 +43,11 @@ Pull (Consul -> local), with Consul's blocking queries:
   /v1/health/service/<name>?index=&wait=5m returning its instances with their
   checks.  A change costs one request per changed service, an idle catalog
   costs one request per service per 5 minutes.  Each watch holds an HTTP
-  connection while it waits: Consul's http_max_conns_per_client (200) bounds
-  how many services one address can watch; list them in `services` when more.
+  connection while it waits, and Consul allows 200 per client address by
+  default (http_max_conns_per_client): beyond 128 watches (max_watches), the
+  other services are read every 30 s instead, with a warning saying so (list
+  the services a host needs in `services`); a slot that frees up goes to one
+  of them.
 - Instances get source "consul", id ``consul/<consul node>/<service id>``,
   their Consul node (added to the registry, except a node named like ours) and
   datacenter ("" when it is ours, so DNS serves them unlabeled; else
@@ -106,6 +109,7 @@ OWNER_META = "waypost-node"
 EXTERNAL_SOURCE_META = "external-source"  # Consul's UI shows where an entry comes from
 EXTERNAL_SOURCE = "waypost"
 CHECK_NAME = "waypost health"
+POLL_CONNECTIONS = 8  # pull connections besides the watches (the catalog, polls)
 _STATUS = {status.value: status for status in Health}
 
 
@@ -122,7 +126,10 @@ class MirrorTiming:
     backoff_max: float = 30.0
     request_timeout: float = 10.0  # a non-blocking request; blocking ones get wait + this
     concurrency: int = 32  # writes in flight during a sync
-    max_connections: int = 1024  # pull connections (one per watched service)
+    # Services watched with blocking queries, each holding a connection (Consul allows 200
+    # per client address by default); more services are read every poll_interval instead.
+    max_watches: int = 128
+    poll_interval: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +147,8 @@ class MirrorStats:
     refused: int  # registrations Consul refused (400), retried when they change
     pushed: int  # our entries in Consul, as last seen
     pulled: int  # instances pulled into the registry
-    watched: int  # services watched by the pull
+    watched: int  # services the pull watches with blocking queries
+    polled: int  # services the pull reads every poll_interval (more than max_watches)
     requests: int  # HTTP requests made
     errors: int  # requests that failed
 
@@ -701,7 +709,9 @@ class _Pull:
         self._datacenter = datacenter
         self._timing = timing
         self.link = link
-        self._watches: dict[str, asyncio.Task[None]] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}  # per service: its watch or poll
+        self._polled: set[str] = set()  # services read every poll_interval (no slot left)
+        self._overflow = False
         self._current: dict[str, frozenset[str]] = {}  # service -> ids in the registry
         self._owner: dict[str, str] = {}  # instance id -> the service that put it there
         self._updates: dict[str, Pulled] = {}  # answers waiting for the next batch
@@ -714,7 +724,11 @@ class _Pull:
 
     @property
     def watched(self) -> int:
-        return len(self._watches)
+        return len(self._tasks) - len(self._polled)
+
+    @property
+    def polled(self) -> int:
+        return len(self._polled)
 
     async def run(self) -> None:
         """Watch the listed services, or the catalog's list of services."""
@@ -724,11 +738,11 @@ class _Pull:
         await self._catalog_loop()
 
     async def close(self) -> None:
-        tasks = list(self._watches.values())
+        tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self._watches.clear()
+        self._tasks.clear()
         if self._flush is not None:
             self._flush.cancel()
 
@@ -760,40 +774,73 @@ class _Pull:
             self._set_services(set(services or {}))
 
     def _set_services(self, names: set[str]) -> None:
-        for name in sorted(names - set(self._watches)):
+        """Watch new services (blocking while there are slots, else polled); drop gone ones."""
+        for name in set(self._tasks) - names:
+            self._tasks.pop(name).cancel()
+            self._polled.discard(name)
+            self._receive(name, Pulled((), ()))
+        for name in sorted(names - set(self._tasks)):
             if not is_label(name):
                 self._warn_once(name, f"consul pull: skipping service {name!r}: not a DNS label")
                 continue
-            self._watches[name] = asyncio.create_task(self._service_loop(name))
-        for name in set(self._watches) - names:
-            self._watches.pop(name).cancel()
-            self._receive(name, Pulled((), ()))
+            self._start(name, polled=self.watched >= self._timing.max_watches)
+        free = self._timing.max_watches - self.watched
+        for name in sorted(self._polled)[: max(0, free)]:  # slots freed by services that left
+            self._tasks[name].cancel()
+            self._start(name, polled=False)
+        overflow = bool(self._polled)
+        if overflow != self._overflow:
+            self._overflow = overflow
+            if overflow:
+                log.warning(
+                    "consul pull: %d services; %d are watched (blocking queries), the others "
+                    "read every %gs (Consul allows 200 connections per client by default: list "
+                    "the services this host needs in consul.services)",
+                    len(self._tasks),
+                    self.watched,
+                    self._timing.poll_interval,
+                )
+            else:
+                log.info("consul pull: every service is watched again")
+
+    def _start(self, name: str, *, polled: bool) -> None:
+        if polled:
+            self._polled.add(name)
+        else:
+            self._polled.discard(name)
+        self._tasks[name] = asyncio.create_task(self._service_loop(name, polled=polled))
 
     def _restart_watches(self) -> None:
-        for name, task in list(self._watches.items()):
-            task.cancel()
-            self._watches[name] = asyncio.create_task(self._service_loop(name))
+        for name in list(self._tasks):
+            self._tasks[name].cancel()
+            self._start(name, polled=name in self._polled)
 
-    async def _service_loop(self, name: str) -> None:
-        """Error handling: as the catalog loop; an index going backwards restarts from 0."""
+    async def _service_loop(self, name: str, *, polled: bool) -> None:
+        """Blocking queries (or, `polled`, a read every poll_interval) of one service.
+
+        Error handling: as the catalog loop; an index going backwards restarts from 0.
+        """
         index, attempt, started = 0, 0, -self._timing.min_query_gap
         while True:
             started = await self._pace(started)
             try:
-                new, entries = await self._query(self._client.health.service, name, index=index)
+                new, entries = await self._query(
+                    self._client.health.service, name, index=0 if polled else index
+                )
             except MirrorError as err:
                 attempt, index = attempt + 1, 0
                 self.link.failed(err)
                 await asyncio.sleep(backoff(attempt, self._timing))
                 continue
             attempt = 0
-            self.link.succeeded(f"watching {len(self._watches)} services")
-            if new == index:  # the wait ran out: nothing changed
-                continue
-            if new < index:
-                log.info("consul pull: %s: index went back from %d to %d", name, index, new)
-            index = 0 if new < index else max(new, 1)
-            self._receive(name, self._parse(entries or []))
+            self.link.succeeded(f"reading {len(self._tasks)} services")
+            if new != index:  # else: a wait that ran out, or a poll of unchanged data
+                if new < index:
+                    log.info("consul pull: %s: index went back from %d to %d", name, index, new)
+                self._receive(name, self._parse(entries or []))
+                index = 0 if new < index and not polled else max(new, 1)
+            if polled:
+                await asyncio.sleep(self._timing.poll_interval * random.uniform(0.9, 1.1))
 
     def _parse(self, entries: list[Mapping[str, Any]]) -> Pulled:
         pulled = parse_pulled(
@@ -899,6 +946,7 @@ class Mirror:
             pushed=0 if push is None else push.pushed,
             pulled=0 if pull is None else pull.pulled,
             watched=0 if pull is None else pull.watched,
+            polled=0 if pull is None else pull.polled,
             requests=sum(link.requests for link in links),
             errors=sum(link.errors for link in links),
         )
@@ -947,7 +995,7 @@ async def start_mirror(
         tasks.append(asyncio.create_task(push.run(), name="consul push"))
     if settings.pull:
         blocking = timing.wait * 17 / 16 + timing.request_timeout
-        client = _client(settings, timing.max_connections, blocking)
+        client = _client(settings, timing.max_watches + POLL_CONNECTIONS, blocking)
         clients.append(client)
         link = _Link("pull", settings.url)
         pull = _Pull(

@@ -823,3 +823,30 @@ async def test_close_leaves_consul_as_it_is(agent: RunningDns, standin: ConsulSt
     await asyncio.sleep(0.1)
     assert len(standin.requests) == count
     assert set(ours(standin)) == {sid("web-1")}  # a restarted agent finds it in place
+
+
+async def test_services_beyond_max_watches_are_polled(
+    agent: RunningDns, standin: ConsulStandin, caplog: pytest.LogCaptureFixture
+) -> None:
+    for n in range(5):
+        foreign(standin, f"svc{n}-1", f"svc{n}", port=9000 + n)
+    timing = MirrorTiming(
+        debounce=0.02, wait=5.0, min_query_gap=0.01, max_watches=3, poll_interval=0.3
+    )
+    registry = agent.registry
+    with consul_logs(caplog) as logs:
+        async with mirror(registry, standin, timing, push=False) as running:
+            await eventually("pulled", lambda: running.stats.pulled == 6)  # + "consul"
+            assert (running.stats.watched, running.stats.polled) == (3, 3)
+            for n in range(5):  # watched or polled, a change shows
+                foreign(standin, f"svc{n}-2", f"svc{n}", port=9100 + n)
+            await eventually("changes", lambda: running.stats.pulled == 11, 3.0)
+            for n in range(3):
+                standin.deregister_foreign(f"svc{n}-1")
+                standin.deregister_foreign(f"svc{n}-2")
+            await eventually("slots reused", lambda: running.stats.polled == 0)
+            assert running.stats.watched == 3
+            await eventually("removed", lambda: running.stats.pulled == 5)
+    messages = [r.getMessage() for r in logs]
+    assert len([m for m in messages if "are watched" in m]) == 1
+    assert "consul pull: every service is watched again" in messages
