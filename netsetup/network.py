@@ -278,13 +278,38 @@ class NetworkManager:
     # -- setup ------------------------------------------------------------------------
 
     async def setup(self, alloc_id: str, spec: NetworkSpec) -> AllocNetwork:
-        """Set up `alloc_id` as `spec` asks, all or nothing (see the module docstring)."""
+        """Set up `alloc_id` as `spec` asks, all or nothing (see the module docstring).
+
+        Cancelling the caller does not cut a kernel step in half: the setup runs to its
+        end in a task of its own and what it made is then torn down.
+        """
         check_namespace_name(alloc_id)
+        work = asyncio.ensure_future(self._setup(alloc_id, spec))
+        try:
+            alloc, _ = await asyncio.shield(work)
+        except asyncio.CancelledError:
+            await self._abandon(alloc_id, work)
+            raise
+        return alloc
+
+    async def _abandon(
+        self, alloc_id: str, work: asyncio.Future[tuple[AllocNetwork, bool]]
+    ) -> None:
+        try:
+            _, created = await work
+        except Exception:
+            return  # it failed and undid itself
+        if created:
+            with contextlib.suppress(NetsetupError):
+                await self.teardown(alloc_id)
+
+    async def _setup(self, alloc_id: str, spec: NetworkSpec) -> tuple[AllocNetwork, bool]:
+        """The allocation and whether this call created it."""
         async with self._lock:
             existing = await asyncio.to_thread(self._state.get, alloc_id)
             if existing is not None:
                 if existing.result is not None and existing.spec == spec:
-                    return existing.result
+                    return existing.result, False
                 raise AllocExists(alloc_id)
             bridge = await self._ensure_base() if spec.mode == "bridge" else 0
             undo: Undos = []
@@ -298,7 +323,7 @@ class NetworkManager:
                 self._bridge = None  # a vanished bridge or table is ensured again next time
                 await _run_undo(alloc_id, undo, exc)
                 raise
-            return alloc
+            return alloc, True
 
     async def _reserve(self, alloc_id: str, spec: NetworkSpec) -> AllocNetwork:
         bridge = spec.mode == "bridge"
@@ -383,6 +408,15 @@ class NetworkManager:
         are removed, and its namespace only when that veth proved it was ours.
         """
         check_namespace_name(alloc_id)
+        work = asyncio.ensure_future(self._teardown(alloc_id))
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:  # a teardown always finishes
+            with contextlib.suppress(Exception):
+                await work
+            raise
+
+    async def _teardown(self, alloc_id: str) -> bool:
         async with self._lock:
             record = await asyncio.to_thread(self._state.get, alloc_id)
             errors: Errors = []

@@ -29,7 +29,10 @@ no id: {"event": "ready", "host_ip": ...}, {"event": "paused", "step": ..., "all
                            the next call of `step` (create_namespace, create_veth,
                            configure_inside, add_alloc, complete), for `alloc` when
                            given, stops for good ("pause", after a "paused" event: the
-                           test then SIGKILLs us) or fails ("fail"; see FAULTS)
+                           test then SIGKILLs us), waits SLOW seconds ("slow") or fails
+                           ("fail"; see FAULTS)
+    cancelled_setup {alloc, spec}
+                           a setup cancelled while its "slow" step runs; true when it was
 
 The failures are real operations that fail, not raised exceptions: a default route
 via an address off the subnet (ENETUNREACH), elements added to a table that does not
@@ -41,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ctypes
 import dataclasses
 import json
@@ -60,9 +64,10 @@ from netsetup.state import NetState, open_state
 
 _CLONE_NEWNET = 0x40000000
 STEPS = ("create_namespace", "create_veth", "configure_inside", "add_alloc", "complete")
-# Every step can pause; the namespace and veth steps fail through name clashes the tests
+# Every step can pause or be slow; the namespace and veth steps fail through clashes the tests
 # create themselves (a real EEXIST), the others through the operations described above.
-FAULTS = {(step, "pause") for step in STEPS} | {
+SLOW = 0.5  # seconds a "slow" step waits after its real work, before it returns
+FAULTS = {(step, action) for step in STEPS for action in ("pause", "slow")} | {
     ("configure_inside", "fail"),
     ("add_alloc", "fail"),
     ("complete", "fail"),
@@ -76,22 +81,35 @@ class Faults:
     def __init__(self, emit: Any) -> None:
         self._armed: dict[str, tuple[str, str]] = {}
         self._emit = emit
+        self.slow_started = asyncio.Event()
 
     def arm(self, step: str, action: str, alloc: str = "") -> None:
         if (step, action) not in FAULTS:
             raise ValueError(f"unknown fault {step}/{action}")
         self._armed[step] = (action, alloc)
 
-    async def check(self, step: str, alloc: str) -> str:
-        """ "" when nothing is armed for this call, else the action (pause never returns)."""
+    def _take(self, step: str, alloc: str, actions: tuple[str, ...]) -> str:
         action, only = self._armed.get(step, ("", ""))
-        if not action or (only and only != alloc):
+        if action not in actions or (only and only != alloc):
             return ""
         del self._armed[step]
+        return action
+
+    async def check(self, step: str, alloc: str) -> str:
+        """Before a step: "" when no pause/fail is armed for it, else "fail" (a pause
+        never returns)."""
+        action = self._take(step, alloc, ("pause", "fail"))
         if action == "pause":
             self._emit({"event": "paused", "step": step, "alloc": alloc})
             await asyncio.Event().wait()
         return action
+
+    async def slow(self, step: str, alloc: str) -> None:
+        """After a step's real work, before it returns: the window a cancellation that
+        arrives while the kernel works falls into."""
+        if self._take(step, alloc, ("slow",)):
+            self.slow_started.set()
+            await asyncio.sleep(SLOW)
 
 
 class FaultyLinks:
@@ -107,10 +125,12 @@ class FaultyLinks:
     async def create_namespace(self, name: str) -> None:
         await self._faults.check("create_namespace", name)
         await self._links.create_namespace(name)
+        await self._faults.slow("create_namespace", name)
 
     async def create_veth(self, name: str, namespace: str, bridge: int, *, hairpin: bool) -> int:
         await self._faults.check("create_veth", namespace)
         result: int = await self._links.create_veth(name, namespace, bridge, hairpin=hairpin)
+        await self._faults.slow("create_veth", namespace)
         return result
 
     async def configure_inside(
@@ -124,6 +144,7 @@ class FaultyLinks:
         if await self._faults.check("configure_inside", namespace):
             gateway = _OFF_SUBNET_GATEWAY
         await self._links.configure_inside(namespace, address, gateway, address6, gateway6)
+        await self._faults.slow("configure_inside", namespace)
 
 
 class FaultyFirewall:
@@ -141,6 +162,7 @@ class FaultyFirewall:
         await self._firewall.add_alloc(alloc)
         if await self._faults.check("add_alloc", alloc.alloc_id):
             await self._missing.add_alloc(alloc)  # ENOENT: that table does not exist
+        await self._faults.slow("add_alloc", alloc.alloc_id)
 
     async def remove_alloc(self, alloc: AllocNetwork) -> None:
         await self._firewall.remove_alloc(alloc)
@@ -170,6 +192,8 @@ class FaultyState:
         if check.result():
             self._state.complete(alloc_id + "-never-reserved", result)  # KeyError
         self._state.complete(alloc_id, result)
+        slow = asyncio.run_coroutine_threadsafe(self._faults.slow("complete", alloc_id), self._loop)
+        slow.result()
 
 
 def parse_config(raw: dict[str, Any]) -> NetConfig:
@@ -212,6 +236,15 @@ class Session:
             return None
         if op == "host_ip":
             return manager.host_ip
+        if op == "cancelled_setup":  # cancel the setup once its slow step has begun
+            spec = parse_spec(args["spec"])
+            self.faults.slow_started.clear()
+            task = asyncio.create_task(manager.setup(args["alloc"], spec))
+            await asyncio.wait_for(self.faults.slow_started.wait(), 30)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return task.cancelled()
         if op == "settle":
             return [str(e) for e in await manager.settle()]
         raise ValueError(f"unknown op {op!r}")

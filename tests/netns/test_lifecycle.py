@@ -133,6 +133,18 @@ def test_failure_at_a_step_undoes_every_earlier_one(
     assert driver.setup(topology.alloc_id(), ports=PORTS)["ports"][1]["host_port"] == 8053
 
 
+@pytest.mark.parametrize("step", ["create_namespace", "create_veth", "add_alloc", "complete"])
+def test_a_cancelled_setup_finishes_its_step_then_leaves_nothing(
+    topology: Topology, driver: Driver, step: str
+) -> None:
+    alloc = topology.alloc_id()
+    driver.call("fault", step=step, action="slow", alloc=alloc)
+    spec = {"mode": "bridge", "ports": PORTS}
+    assert driver.call("cancelled_setup", alloc=alloc, spec=spec) is True
+    assert_nothing_of(topology, driver, alloc)
+    assert driver.setup(topology.alloc_id(), ports=PORTS)["ports"][1]["host_port"] == 8053
+
+
 def test_exhausted_subnet_and_ports_fail_with_nothing_held(
     topology: Topology, start_driver: StartDriver
 ) -> None:
