@@ -73,6 +73,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import re
 import time
@@ -413,6 +414,7 @@ class _Link:
         self.down_since: float | None = None
         self.requests = 0
         self.errors = 0
+        self._bugs: set[type[Exception]] = set()
 
     async def call(self, request: Awaitable[Any], limit: float) -> Any:
         """Await one py-consul request; anything but a 4xx answer becomes MirrorError."""
@@ -455,6 +457,18 @@ class _Link:
             log.info("consul %s: connected to %s; %s", self.what, self.url, detail)
         self.ok = self.ever_ok = True
         self.down_since = None
+
+    async def retry(self, error: Exception, attempt: int, timing: MirrorTiming) -> None:
+        """Note a failed attempt (`attempt` in a row) and back off before the next one.
+
+        A MirrorError is Consul's doing; anything else is ours (a bug, an answer we
+        did not expect): its traceback is logged once per exception type.
+        """
+        if not isinstance(error, MirrorError) and type(error) not in self._bugs:
+            self._bugs.add(type(error))
+            log.error("consul %s: unexpected error", self.what, exc_info=error)
+        self.failed(error)
+        await asyncio.sleep(backoff(attempt, timing))
 
     def failed(self, error: Exception) -> None:
         if self.ok or self.down_since is None:
@@ -559,11 +573,10 @@ class _Push:
             await self._next_turn()
             try:
                 await self._sync()
-            except MirrorError as err:
+            except Exception as err:  # MirrorError, or a bug (logged with its traceback)
                 attempt += 1
                 self._fresh = False
-                self.link.failed(err)
-                await asyncio.sleep(backoff(attempt, self._timing))
+                await self.link.retry(err, attempt, self._timing)
                 continue
             attempt = 0
             self.link.succeeded(f"{len(self._seen)} entries in sync")
@@ -609,7 +622,7 @@ class _Push:
             for ident, want in wanted.items()
             if ident in self._seen
             and ident not in planned
-            and self._refreshed.get(ident, -horizon) <= horizon
+            and self._refreshed.get(ident, -math.inf) <= horizon
         ]
 
     async def _read(self) -> None:
@@ -753,25 +766,27 @@ class _Pull:
             started = await self._pace(started)
             try:
                 new, services = await self._query(self._client.catalog.services, index=index)
-            except MirrorError as err:
+                index = self._catalog_changed(index, new, set(services or {}))
+            except Exception as err:  # MirrorError, or a bug (logged with its traceback)
                 attempt, index = attempt + 1, 0
-                self.link.failed(err)
-                await asyncio.sleep(backoff(attempt, self._timing))
+                await self.link.retry(err, attempt, self._timing)
                 continue
             attempt = 0
             self.link.succeeded(f"{len(services or {})} services in the catalog")
-            if new < index:
-                log.info(
-                    "consul pull: the catalog index went back from %d to %d (a restored or "
-                    "restarted Consul); reading every service again",
-                    index,
-                    new,
-                )
-                self._restart_watches()
-                index = 0
-            else:
-                index = max(new, 1)
-            self._set_services(set(services or {}))
+
+    def _catalog_changed(self, index: int, new: int, names: set[str]) -> int:
+        """Follow the catalog's list of services; the index of the next query."""
+        self._set_services(names)
+        if new >= index:
+            return max(new, 1)
+        log.info(
+            "consul pull: the catalog index went back from %d to %d (a restored or "
+            "restarted Consul); reading every service again",
+            index,
+            new,
+        )
+        self._restart_watches()
+        return 0
 
     def _set_services(self, names: set[str]) -> None:
         """Watch new services (blocking while there are slots, else polled); drop gone ones."""
@@ -827,18 +842,17 @@ class _Pull:
                 new, entries = await self._query(
                     self._client.health.service, name, index=0 if polled else index
                 )
-            except MirrorError as err:
+                if new != index:  # else: a wait that ran out, or a poll of unchanged data
+                    if new < index:
+                        log.info("consul pull: %s: index went back from %d to %d", name, index, new)
+                    self._receive(name, self._parse(entries or []))
+                    index = 0 if new < index and not polled else max(new, 1)
+            except Exception as err:  # MirrorError, or a bug (logged with its traceback)
                 attempt, index = attempt + 1, 0
-                self.link.failed(err)
-                await asyncio.sleep(backoff(attempt, self._timing))
+                await self.link.retry(err, attempt, self._timing)
                 continue
             attempt = 0
             self.link.succeeded(f"reading {len(self._tasks)} services")
-            if new != index:  # else: a wait that ran out, or a poll of unchanged data
-                if new < index:
-                    log.info("consul pull: %s: index went back from %d to %d", name, index, new)
-                self._receive(name, self._parse(entries or []))
-                index = 0 if new < index and not polled else max(new, 1)
             if polled:
                 await asyncio.sleep(self._timing.poll_interval * random.uniform(0.9, 1.1))
 

@@ -21,6 +21,7 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
+from discovery import mirror as mirror_module
 from discovery.config import MirrorSettings, Overrides, parse_config
 from discovery.errors import ConfigError
 from discovery.hclfile import parse_hcl
@@ -850,3 +851,29 @@ async def test_services_beyond_max_watches_are_polled(
     messages = [r.getMessage() for r in logs]
     assert len([m for m in messages if "are watched" in m]) == 1
     assert "consul pull: every service is watched again" in messages
+
+
+async def test_an_unexpected_error_is_logged_once_and_the_loop_goes_on(
+    agent: RunningDns,
+    standin: ConsulStandin,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    foreign(standin, "web-1")
+    real = mirror_module.parse_pulled
+    calls = {"n": 0}
+
+    def flaky(*args: Any, **kw: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] <= 3:
+            raise RuntimeError("a bug in parsing")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(mirror_module, "parse_pulled", flaky)
+    registry = agent.registry
+    with consul_logs(caplog) as logs:
+        async with mirror(registry, standin, push=False, services=("web",)):
+            await eventually("pulled", lambda: len(pulled(registry)) == 1)
+    bugs = [r for r in logs if r.getMessage() == "consul pull: unexpected error"]
+    assert len(bugs) == 1 and bugs[0].exc_info is not None
+    assert calls["n"] >= 4
