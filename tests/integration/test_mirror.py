@@ -25,10 +25,9 @@ from discovery import mirror as mirror_module
 from discovery.config import MirrorSettings, Overrides, parse_config
 from discovery.errors import ConfigError
 from discovery.hclfile import parse_hcl
-from discovery.mirror import (
+from discovery.mirror import Mirror, MirrorTiming, start_mirror
+from discovery.mirror_plan import (
     CHECK_SUFFIX,
-    Mirror,
-    MirrorTiming,
     PushEntry,
     Seen,
     Wanted,
@@ -37,7 +36,6 @@ from discovery.mirror import (
     parse_seen,
     plan_push,
     plan_wanted,
-    start_mirror,
     worst_status,
 )
 from discovery.model import CheckKind, Health, Instance, Node, make_check, make_instance

@@ -31,7 +31,8 @@ import pytest
 
 from discovery.config import MirrorSettings, parse_consul_address
 from discovery.dns.settings import DnsSettings
-from discovery.mirror import CHECK_SUFFIX, Mirror, MirrorTiming, start_mirror
+from discovery.mirror import Mirror, MirrorTiming, start_mirror
+from discovery.mirror_plan import CHECK_SUFFIX
 from discovery.model import CheckKind, Health, Instance, Node, make_check, make_instance
 from discovery.registry import Registry
 from tests.integration.conftest import RunningDns, StartWaypost
