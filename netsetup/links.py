@@ -290,6 +290,9 @@ def ensure_sysctl(key: tuple[str, ...], value: str) -> bool:
         if path.read_text().strip() == value:
             return False
         path.write_text(value + "\n")
+    except FileNotFoundError as exc:
+        hint = "br_netfilter is not loaded" if key[:2] == ("net", "bridge") else "no such key"
+        raise KernelError("set sysctl", f"{name}={value}", errno.ENOENT, hint) from exc
     except OSError as exc:
         raise _kernel_error("set sysctl", f"{name}={value}", exc) from exc
     return True
