@@ -32,6 +32,7 @@ from discovery.errors import StateError, WaypostError
 from discovery.events import EventLog
 from discovery.httpapi import HttpServer, HttpStats, StreamRoute, start_http
 from discovery.metrics import MetricsSources
+from discovery.mirror import Mirror, start_mirror
 from discovery.registry import Registry
 from discovery.store import Store, open_store
 
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 ConfigLoader = Callable[[], AgentConfig]
 
 # Fixed for the life of the process: the node the registry is built around and the sockets.
-RESTART_ONLY = ("node_name", "node_address", "dns_addr", "http_addr", "data_dir", "acl")
+RESTART_ONLY = ("node_name", "node_address", "dns_addr", "http_addr", "data_dir", "acl", "consul")
 EXIT_OK = 0
 EXIT_FAILED = 1  # could not start (address in use...)
 
@@ -116,9 +117,15 @@ async def start_agent(config: AgentConfig) -> Agent:
         checks = CheckRunner(registry)
         checks.start()
         parts.push_async_callback(checks.close)
+        mirror = None
+        if config.consul is not None:
+            mirror = await start_mirror(
+                registry, config.consul, node=config.node_name, datacenter=config.datacenter
+            )
+            parts.push_async_callback(mirror.close)
         dns = await start_dns(responder, config.dns_addr.host, config.dns_addr.port)
         parts.push_async_callback(_close_dns, dns)
-        http = await _start_http(config, registry, responder, dns, store, checks, parts)
+        http = await _start_http(config, registry, responder, dns, store, checks, mirror, parts)
         log.info(
             "restored %d instances from %s (index %d)",
             len(restored.instances),
@@ -138,6 +145,7 @@ async def _start_http(
     dns: DnsServer,
     store: Store,
     checks: CheckRunner,
+    mirror: Mirror | None,
     parts: contextlib.AsyncExitStack,
 ) -> HttpServer:
     events = EventLog(registry, datacenter=config.datacenter)
@@ -149,6 +157,7 @@ async def _start_http(
         waiters=lambda: stats.blocked,
         store=store,
         event_subscribers=lambda: events.subscribers,
+        mirror=None if mirror is None else (lambda: mirror.stats),
     )
     status = api_waypost.StatusOf(sources, dns_serving=lambda: dns.serving)
     routes = api_consul.ROUTES + api_nomad.ROUTES + api_waypost.routes(status)

@@ -82,6 +82,14 @@ class StatusOf:
                 found.append(
                     Probe("store", Health.PASSING, f"index {stats.committed_index} on disk")
                 )
+        if self.sources.mirror is not None:
+            mirror = self.sources.mirror()
+            # Consul out of reach degrades the agent (429) but local DNS and HTTP go on.
+            found.append(
+                Probe("consul", Health.PASSING, "in sync")
+                if mirror.healthy
+                else Probe("consul", Health.WARNING, f"not in sync; {mirror.pending} pending")
+            )
         if self.dns_serving is not None:
             up = self.dns_serving()
             found.append(

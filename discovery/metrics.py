@@ -86,6 +86,31 @@ class StoreView(Protocol):
     def stats(self) -> StoreStatsView: ...
 
 
+class MirrorStatsView(Protocol):
+    """What is read of discovery.mirror.MirrorStats."""
+
+    @property
+    def healthy(self) -> bool: ...
+    @property
+    def push_ok(self) -> bool: ...
+    @property
+    def pull_ok(self) -> bool: ...
+    @property
+    def last_push(self) -> float | None: ...
+    @property
+    def last_pull(self) -> float | None: ...
+    @property
+    def pending(self) -> int: ...
+    @property
+    def pushed(self) -> int: ...
+    @property
+    def pulled(self) -> int: ...
+    @property
+    def requests(self) -> int: ...
+    @property
+    def errors(self) -> int: ...
+
+
 @dataclass(frozen=True, slots=True)
 class MetricsSources:
     """Where the numbers live; any part the agent does not run is None."""
@@ -97,6 +122,7 @@ class MetricsSources:
     waiters: Callable[[], int] | None = None  # lambda: waiters.count
     store: StoreView | None = None
     event_subscribers: Callable[[], int] | None = None  # lambda: event_log.subscribers
+    mirror: Callable[[], MirrorStatsView] | None = None  # lambda: mirror.stats
 
 
 class AgentCollector(Collector):
@@ -126,6 +152,8 @@ class AgentCollector(Collector):
             )
         if src.store is not None:
             yield from _store(src.store)
+        if src.mirror is not None:
+            yield from _mirror(src.mirror())
 
 
 def _dns(counts: Mapping[tuple[int, int], int]) -> Metric:
@@ -199,6 +227,40 @@ def _store(store: StoreView) -> Iterator[Metric]:
         "waypost_store_last_commit_seconds",
         "Duration of the last commit",
         value=stats.last_commit_seconds,
+    )
+
+
+def _mirror(stats: MirrorStatsView) -> Iterator[Metric]:
+    """The Consul mirror's sync state: is it in sync, since when, what is waiting."""
+    yield GaugeMetricFamily(
+        "waypost_consul_healthy", "1 while push and pull succeed, else 0", value=int(stats.healthy)
+    )
+    for part, ok, last in (
+        ("push", stats.push_ok, stats.last_push),
+        ("pull", stats.pull_ok, stats.last_pull),
+    ):
+        yield GaugeMetricFamily(
+            f"waypost_consul_{part}_ok", f"1 while the last {part} succeeded", value=int(ok)
+        )
+        yield GaugeMetricFamily(
+            f"waypost_consul_last_{part}_timestamp_seconds",
+            f"Unix time of the last successful {part} (0: never)",
+            value=last or 0.0,
+        )
+    yield GaugeMetricFamily(
+        "waypost_consul_pending_changes", "Local changes not in Consul yet", value=stats.pending
+    )
+    yield GaugeMetricFamily(
+        "waypost_consul_pushed_instances", "Our entries in Consul", value=stats.pushed
+    )
+    yield GaugeMetricFamily(
+        "waypost_consul_pulled_instances", "Instances pulled from Consul", value=stats.pulled
+    )
+    yield CounterMetricFamily(
+        "waypost_consul_requests", "HTTP requests made to Consul", value=stats.requests
+    )
+    yield CounterMetricFamily(
+        "waypost_consul_request_errors", "Requests to Consul that failed", value=stats.errors
     )
 
 
