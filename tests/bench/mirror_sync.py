@@ -69,6 +69,8 @@ SYNC_TIMEOUT = 600.0  # seconds for a 10,000-instance sync
 POLL = 0.002  # seconds between DNS asks on C
 GAP = 0.25  # seconds of quiet before each timed change (more than the push debounce)
 BURST = 20  # registrations at once on A, timed until C answers with all of them
+IDLE_FULL_SYNC = 2.0  # seconds: the push's anti-entropy period in part 2
+IDLE_WINDOW = 10.0  # seconds of nothing changing, counted
 TARGET_MEDIAN = 0.200  # seconds, A -> C with the stand-in
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -374,7 +376,7 @@ async def push(instances: int, services: int) -> dict[str, Any]:
             for n in range(instances)
         )
     )
-    timing = MirrorTiming(anti_entropy=3.0)
+    timing = MirrorTiming(anti_entropy=IDLE_FULL_SYNC)
     async with _standin() as standin:
         settings = MirrorSettings(host="127.0.0.1", port=standin.port, pull=False)
         cpu, ours = standin.cpu(), time.process_time()
@@ -393,8 +395,14 @@ async def push(instances: int, services: int) -> dict[str, Any]:
                 "standin_cpu_s": standin.cpu() - cpu,
                 "mirror_cpu_s": time.process_time() - ours,
             }
-            await asyncio.sleep(timing.anti_entropy * 1.2)  # one full sync, nothing changed
-            result["idle_full_sync_requests"] = standin.ask("requests")
+            await asyncio.sleep(IDLE_FULL_SYNC)  # a full sync in flight ends here
+            standin.ask("requests")
+            await asyncio.sleep(IDLE_WINDOW)  # full syncs with nothing changed
+            idle = standin.ask("requests")
+            syncs = idle.get("GET /v1/agent/services", 0)
+            result["idle_full_syncs"] = syncs
+            result["idle_requests"] = idle
+            result["requests_per_idle_full_sync"] = _total(idle) / max(1, syncs)
             registry.upsert(
                 make_instance(service="svc0", id="i0", node="bench", address="10.9.9.9")
             )
@@ -479,8 +487,13 @@ def report(results: dict[str, Any]) -> None:
             )
     if "push" in results:
         push_ = results["push"]
-        print(f"push, full sync with nothing changed: {push_['idle_full_sync_requests']}")
-        print(f"push, one change: {push_['one_change_requests']}")
+        print(
+            f"push, {IDLE_WINDOW:g} s with nothing changed: {push_['idle_full_syncs']} full "
+            f"syncs, {push_['requests_per_idle_full_sync']:g} requests each, "
+            f"{sum(n for k, n in push_['idle_requests'].items() if k.startswith('PUT'))} writes "
+            f"{push_['idle_requests']}"
+        )
+        print(f"push, one change (a full sync may join): {push_['one_change_requests']}")
     if "pull" in results:
         pull_ = results["pull"]
         print(f"pull, 3 s idle: {pull_['idle_3s_requests']}")
