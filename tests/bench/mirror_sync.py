@@ -7,8 +7,7 @@ Every part talks to the Consul stand-in (tests/consul_standin.py) running as a
 process of its own on 127.0.0.1 (`python -m tests.bench.mirror_sync standin`),
 so its CPU is not ours; its request log gives the request counts.
 
-1. Convergence: three agents as processes (`python -m discovery agent`, or
-   tests/netns/mirror_driver.py while the agent does not start the mirror), each
+1. Convergence: three agents as processes (`python -m discovery agent`), each
    with DNS and HTTP on 127.0.0.1 and `consul { address = <stand-in> }`.  Each
    change is a registration through agent A's HTTP API; the time runs from just
    before the PUT until agent C's DNS (UDP, asked every 2 ms) answers SRV with the
@@ -55,7 +54,6 @@ import dns.message
 import dns.rdatatype
 import uvloop
 
-import discovery.agent
 from discovery.config import MirrorSettings
 from discovery.mirror import MirrorTiming, start_mirror
 from discovery.model import Node, make_instance
@@ -226,10 +224,7 @@ class AgentProcess:
             f"ports {{\n  dns = {self.dns_port}\n  http = {self.http_port}\n}}\n"
             f'consul {{\n  address = "127.0.0.1:{consul_port}"\n}}\n'
         )
-        if hasattr(discovery.agent, "start_mirror"):
-            argv = [sys.executable, "-m", "discovery", "agent", "--config", str(config)]
-        else:
-            argv = [sys.executable, "-m", "tests.netns.mirror_driver", "agent", str(config)]
+        argv = [sys.executable, "-m", "discovery", "agent", "--config", str(config)]
         self.log = workdir / f"{name}.log"
         self.proc = _spawn(argv, log=self.log)
         self.url = f"http://127.0.0.1:{self.http_port}"
@@ -310,9 +305,11 @@ async def _measure_convergence(a: AgentProcess, c: AgentProcess, changes: int) -
         await asyncio.sleep(GAP)
         started = time.perf_counter()
         await asyncio.gather(*(put(register, body) for body in burst))
+        accepted_s = time.perf_counter() - started
         await _until(partial(_all, c, "burst.service.nomad", ports))
         burst_s = time.perf_counter() - started
-    return {kind: _summary(times) for kind, times in out.items()} | {"burst_ms": burst_s * 1000}
+    burst_ms = {"burst_ms": burst_s * 1000, "burst_accepted_ms": accepted_s * 1000}
+    return {kind: _summary(times) for kind, times in out.items()} | burst_ms
 
 
 async def _all(agent: AgentProcess, name: str, ports: set[int]) -> bool:
@@ -473,7 +470,9 @@ def report(results: dict[str, Any]) -> None:
                 f"  p90 {figures['p90_ms']:6.1f} ms  max {figures['max_ms']:6.1f} ms"
             )
         print(
-            f"A->C burst of {BURST} registrations at once: all on C after {conv['burst_ms']:.1f} ms"
+            f"A->C burst of {BURST} registrations at once: all on C after "
+            f"{conv['burst_ms']:.1f} ms (A's API answered them all after "
+            f"{conv['burst_accepted_ms']:.1f} ms)"
         )
         verdict = "PASS" if conv["instance"]["median_ms"] <= TARGET_MEDIAN * 1000 else "FAIL"
         print(f"target: median A->C <= {TARGET_MEDIAN * 1000:.0f} ms (instance): {verdict}")

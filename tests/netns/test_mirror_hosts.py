@@ -1,16 +1,15 @@
 """Three hosts sharing one Consul: what host A registers, host C answers for.  Root.
 
 Four throwaway namespaces of this run (tests/netns/conftest.py's prefix and sweep):
-a "lan" namespace holding a bridge and the Consul stand-in (10.99.0.1:8500), and
-hosts A, B and C, each an agent process (`ip netns exec <host> python -m discovery
-agent`, or tests/netns/mirror_driver.py while the agent does not start the mirror
-itself) with DNS and HTTP on its lan address and a `consul` block naming the
-stand-in.  Each host's eth0 is a veth whose peer sits on the lan bridge; all links
-are created from inside the namespaces, so the machine's own namespace never sees
-one, which the test checks.  A service is registered through A's HTTP API (as an
-application would), looked up with `dig SRV` run inside C against C's agent, and
-must leave C's answers when A deregisters it.  Everything is stopped and removed at
-the end, failed or not.
+a "lan" namespace holding a bridge and the Consul stand-in (10.99.0.1:8500, run by
+tests/netns/mirror_driver.py), and hosts A, B and C, each an agent process
+(`ip netns exec <host> python -m discovery agent`) with DNS and HTTP on its lan
+address and a `consul` block naming the stand-in.  Each host's eth0 is a veth
+whose peer sits on the lan bridge; all links are created from inside the
+namespaces, so the machine's own namespace never sees one, which the test checks.
+A service is registered through A's HTTP API (as an application would), looked up
+with `dig SRV` run inside C against C's agent, and must leave C's answers when A
+deregisters it.  Everything is stopped and removed at the end, failed or not.
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ from pathlib import Path
 
 import pytest
 
-import discovery.agent
 from tests.netns.conftest import ROOT, delete_namespace, ns_socket, run
 
 SUBNET = "10.99.0"  # inside the lan namespace only
@@ -134,13 +132,6 @@ class Process:
         self._log.close()
 
 
-def agent_argv(config: Path) -> list[str]:
-    """The real agent once it starts the mirror itself; the driver until then."""
-    if hasattr(discovery.agent, "start_mirror"):
-        return [sys.executable, "-m", "discovery", "agent", "--config", str(config)]
-    return [sys.executable, "-m", "tests.netns.mirror_driver", "agent", str(config)]
-
-
 def agent_config(host: str, data_dir: Path) -> str:
     ip = HOSTS[host]
     return f"""
@@ -230,7 +221,8 @@ def hosts(lan: Lan, tmp_path: Path) -> Iterator[dict[str, Process]]:
         for host, ns in lan.hosts.items():
             config = tmp_path / f"{host}.hcl"
             config.write_text(agent_config(host, tmp_path / f"data-{host}"))
-            started[host] = Process(ns, agent_argv(config), tmp_path / f"{host}.log")
+            argv = [sys.executable, "-m", "discovery", "agent", "--config", str(config)]
+            started[host] = Process(ns, argv, tmp_path / f"{host}.log")
         for host in lan.hosts:
             started[host].wait_listening(HOSTS[host], HTTP_PORT)
         yield started
