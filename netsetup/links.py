@@ -121,6 +121,7 @@ class LinkInfo:
     master: int
     up: bool
     peer_index: int  # IFLA_LINK: for a veth, the peer's index in the peer's namespace
+    hairpin: bool = False  # a bridge port in hairpin mode (IFLA_BRPORT_MODE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,6 +328,8 @@ def host_sysctls(bridge: str, *, ipv6: bool, bridge_nf: bool) -> list[tuple[tupl
 def _link_info(msg: Any) -> LinkInfo:
     info = msg.get_attr("IFLA_LINKINFO")
     kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+    port = info.get_attr("IFLA_INFO_SLAVE_DATA") if info is not None else None
+    mode = port.get_attr("IFLA_BRPORT_MODE") if port is not None else None
     return LinkInfo(
         index=int(msg["index"]),
         name=str(msg.get_attr("IFLA_IFNAME")),
@@ -334,6 +337,7 @@ def _link_info(msg: Any) -> LinkInfo:
         master=int(msg.get_attr("IFLA_MASTER") or 0),
         up=bool(msg["flags"] & _IFF_UP),
         peer_index=int(msg.get_attr("IFLA_LINK") or 0),
+        hairpin=mode == _BRIDGE_MODE_HAIRPIN,
     )
 
 
@@ -512,12 +516,6 @@ class Links:
         # IFLA_BRPORT_MODE; the `hairpin_mode` keyword of pyroute2 is silently ignored
         async with _translated("set hairpin", name):
             await self._ipr.brport("set", index=index, mode=_BRIDGE_MODE_HAIRPIN if on else 0)
-
-    async def hairpin(self, index: int) -> bool:
-        async with _translated("read hairpin", str(index)):
-            found = await _collect(self._ipr.brport("show", index=index))
-            mode = found[0].get_nested("IFLA_PROTINFO", "IFLA_BRPORT_MODE") if found else None
-            return bool(mode)
 
     async def create_namespace(self, name: str) -> None:
         """A new namespace at <netns_dir>/<name>; a taken name is KernelError EEXIST."""

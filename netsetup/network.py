@@ -60,6 +60,8 @@ from netsetup.state import AllocRecord, Ledger, NetState, Reservation
 
 log = logging.getLogger(__name__)
 
+INSPECTIONS = 8  # allocation namespaces reconcile reads at once (a thread and a socket each)
+
 Undo = Callable[[], Awaitable[object]]
 # Aliases for annotations inside NetworkManager, where `list` is the method.
 Undos = list[Undo]
@@ -495,9 +497,20 @@ class NetworkManager:
         present: set[tuple[str, str, str]] = {
             (e.family, e.key, e.value) for e in await self._firewall.elements()
         }
-        for alloc in allocs:
+        gate = asyncio.Semaphore(INSPECTIONS)
+
+        async def inspect(alloc: AllocNetwork) -> _Findings | NetsetupError:
+            async with gate:
+                try:
+                    return await self._inspect(alloc, bridge, by_name, present)
+                except NetsetupError as exc:
+                    return exc
+
+        found = await asyncio.gather(*(inspect(a) for a in allocs))
+        for alloc, findings in zip(allocs, found, strict=True):
             try:
-                findings = await self._inspect(alloc, bridge, by_name, present)
+                if isinstance(findings, NetsetupError):
+                    raise findings
                 if not findings:
                     report.adopted.append(alloc.alloc_id)
                     continue
@@ -525,7 +538,7 @@ class NetworkManager:
             found.flag("veth", "veth missing, off the bridge or down")
         elif inside is not None and inside.eth0_peer_index != veth.index:
             found.flag("veth", f"{alloc.interface} is not the veth's peer")
-        elif await self._links.hairpin(veth.index) != self.config.hairpin:
+        elif veth.hairpin != self.config.hairpin:
             found.flag("hairpin", "hairpin mode differs from the config")
             found.veth_index = veth.index
         if inside is not None and not found.veth and not self._inside_ok(alloc, inside):
