@@ -436,12 +436,16 @@ class Links:
             await self._ipr.link("del", index=index)
 
     async def detach_link(self, name: str) -> int | None:
-        """Take link `name` down and off its bridge (fast); its index, None when absent."""
+        """Take link `name` down (fast); its index, None when absent.
+
+        A bridge port whose device is down is disabled: nothing is forwarded to or from
+        it.  Leaving the bridge happens with the deletion (it costs another RCU sync).
+        """
         found = await self.link(name)
         if found is None:
             return None
         async with _translated("detach link", name, ok=(errno.ENODEV,)):
-            await self._ipr.link("set", index=found.index, state="down", master=0)
+            await self._ipr.link("set", index=found.index, state="down")
         return found.index
 
     async def ensure_bridge(

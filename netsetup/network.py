@@ -179,9 +179,9 @@ class _Reaper:
     """Deletes detached veths off the caller's path.
 
     Unregistering a network device makes the kernel wait for an RCU barrier (tens of
-    ms on a busy host), longer than all the rest of a teardown.  A detached veth (down,
-    off the bridge) carries no traffic, so teardown hands its deletion to the reaper and
-    returns; concurrent deletions overlap their waits.  A setup of the same allocation
+    ms on a busy host), longer than all the rest of a teardown.  A detached veth (down:
+    a disabled bridge port) carries no traffic, so teardown hands its deletion to the
+    reaper and returns; concurrent deletions overlap their waits.  A setup of the same allocation
     waits for its old veth to be gone; `settle()` waits for all of them.  A crash leaves
     detached veths behind, which reconcile removes (owned, claimed by nobody).
     """

@@ -10,6 +10,7 @@ of a setup, a simulated reboot, and twenty concurrent setups and teardowns.
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -34,6 +35,7 @@ from tests.netns.conftest import (
     namespaces,
     nft,
     nft_elements,
+    ns_socket,
     owned_links,
     run,
     tcp_ask,
@@ -186,9 +188,28 @@ def test_teardown_detaches_at_once_and_the_same_id_can_come_back(
     assert driver.call("teardown", alloc=alloc) is True
     for link in ip_json(topology.host, "-d", "link", "show"):
         if link["ifname"] == veth_name("wp", alloc):  # its deletion may still be under way
-            assert "UP" not in link["flags"] and "master" not in link
+            assert "UP" not in link["flags"]  # a disabled bridge port: no traffic
     again = driver.setup(alloc, ports=PORTS)  # waits for the old veth to be gone
     assert_forwarding(topology, again)
+
+
+def test_a_process_left_in_a_torn_down_namespace_reaches_nothing(
+    topology: Topology, driver: Driver
+) -> None:
+    alloc = topology.alloc_id()
+    driver.setup(alloc)
+    with (
+        EchoServer(topology.host, "172.26.64.1", name="gw") as server,
+        ns_socket(alloc, socket.SOCK_DGRAM) as held,  # keeps the namespace alive
+    ):
+        held.settimeout(1.0)
+        held.sendto(b"before", ("172.26.64.1", server.port))
+        assert held.recv(100).startswith(b"gw ")
+        assert driver.call("teardown", alloc=alloc) is True
+        with pytest.raises(OSError):  # unreachable (eth0 lost its peer), or no answer
+            held.sendto(b"after", ("172.26.64.1", server.port))
+            held.recv(100)
+    assert driver.call("settle") == [] and owned_links(topology.host) == []
 
 
 def test_teardown_goes_on_past_a_failure_and_reports_it(topology: Topology, driver: Driver) -> None:
