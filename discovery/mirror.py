@@ -506,6 +506,7 @@ class _Pull:
         self.link = link
         self._tasks: dict[str, asyncio.Task[None]] = {}  # per service: its watch or poll
         self._polled: set[str] = set()  # services read every poll_interval (no slot left)
+        self._poll_slots = asyncio.Semaphore(POLL_CONNECTIONS - 2)  # the catalog's, a spare
         self._overflow = False
         self._current: dict[str, frozenset[str]] = {}  # service -> ids in the registry
         self._owner: dict[str, str] = {}  # instance id -> the service that put it there
@@ -621,9 +622,7 @@ class _Pull:
         while True:
             started = await self._pace(started)
             try:
-                new, entries = await self._query(
-                    self._client.health.service, name, index=0 if polled else index
-                )
+                new, entries = await self._read_service(name, index, polled=polled)
                 if new != index:  # else: a wait that ran out, or a poll of unchanged data
                     if new < index:
                         log.info("consul pull: %s: index went back from %d to %d", name, index, new)
@@ -637,6 +636,12 @@ class _Pull:
             self.link.succeeded(f"reading {len(self._tasks)} services")
             if polled:
                 await asyncio.sleep(self._timing.poll_interval * random.uniform(0.9, 1.1))
+
+    async def _read_service(self, name: str, index: int, *, polled: bool) -> tuple[int, Any]:
+        if not polled:
+            return await self._query(self._client.health.service, name, index=index)
+        async with self._poll_slots:  # polls queue here, not inside a request's timeout
+            return await self._query(self._client.health.service, name, index=0)
 
     def _parse(self, entries: list[Mapping[str, Any]]) -> Pulled:
         pulled = parse_pulled(
