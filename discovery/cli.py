@@ -20,6 +20,7 @@ from discovery.agent import run_agent
 from discovery.config import AgentConfig, Endpoint, Overrides, parse_endpoint
 from discovery.errors import ConfigError, ValidationError
 from discovery.hclfile import load_config
+from netsetup import cli as netsetup_cli
 
 EXIT_USAGE = 2  # argparse's code for bad usage; config errors share it
 
@@ -68,9 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--http-addr",
         type=_endpoint_arg,
         metavar="HOST:PORT",
-        help="HTTP API listen address; default 127.0.0.1:4646 (the API is not served yet)",
+        help="HTTP API listen address (port 0 picks one); default 127.0.0.1:4646",
     )
     agent.add_argument("--data-dir", metavar="DIR", help="state directory")
+    commands.add_parser(
+        "net",
+        help="allocation networking by hand (root): up, down, list, reconcile",
+        description="See `waypost net --help`.",
+        add_help=False,
+    )
     return parser
 
 
@@ -82,6 +89,9 @@ def _setup_logging() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `waypost` console script and `python -m discovery`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["net"]:  # allocation networking by hand: netsetup's own command line
+        return netsetup_cli.main(argv[1:])
     args = build_parser().parse_args(argv)
     overrides = Overrides(
         dev=args.dev,

@@ -384,3 +384,23 @@ def test_reload_keeps_what_needs_a_restart(run_agent: Callable[..., Agent], conf
     assert {str(rr.target) for rr in reply.answer[0]} == {"first.node.east.nomad."}
     assert agent.query("web.service.dc1.nomad").rcode() == dns.rcode.NXDOMAIN
     assert agent.query("second.node.nomad", "A").rcode() == dns.rcode.NXDOMAIN
+
+
+def test_net_command_is_netsetups(tmp_path: Path) -> None:
+    """`waypost net ...` is netsetup's command line (here `list` of an empty state)."""
+    done = subprocess.run(
+        [PYTHON, "-m", "discovery", "net", "list", "--data-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+        check=False,
+    )
+    assert (done.returncode, done.stdout.strip()) == (0, "[]"), done.stderr
+    bad = subprocess.run(
+        [PYTHON, "-m", "discovery", "net", "up", "--alloc", "a1", "--port", "x:1:2:3"],
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+        check=False,
+    )
+    assert bad.returncode == 2 and "LABEL[:STATIC][:TO]" in bad.stderr
