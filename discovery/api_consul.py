@@ -102,8 +102,16 @@ def _in_dc(inst: Instance, dc: str, local: str) -> bool:
 
 
 def _is_local_agent(inst: Instance, snap: Snapshot) -> bool:
-    """Whether the local agent owns `inst` (what /v1/agent/* shows and changes)."""
-    return not inst.datacenter and inst.node.lower() == snap.local_node.lower()
+    """Whether the local agent owns `inst` (what /v1/agent/* shows and changes).
+
+    Instances pulled from Consul are never the agent's own, even from a Consul
+    node that happens to have our name.
+    """
+    return (
+        inst.source != "consul"
+        and not inst.datacenter
+        and inst.node.lower() == snap.local_node.lower()
+    )
 
 
 def _node(snap: Snapshot, inst: Instance) -> Node:

@@ -331,11 +331,18 @@ async def test_deregister(client: Client) -> None:
 async def test_deregister_only_the_local_agents_instances() -> None:
     remote = inst("web", "remote-1", node="other", datacenter="dc2")
     configured = inst("cfg", "cfg-1", source="config")
-    async with running_api(instances=[remote, configured]) as api, aiohttp.ClientSession() as s:
+    # pulled from Consul, from a Consul node that has our node's name: still not ours
+    pulled = inst("db", "consul/x/db-1", node=LOCAL_NODE.name, source="consul")
+    async with (
+        running_api(instances=[remote, configured, pulled]) as api,
+        aiohttp.ClientSession() as s,
+    ):
         client = Client(api, s)
         assert (await client.put("/v1/agent/service/deregister/remote-1"))[0] == 404
+        assert (await client.put("/v1/agent/service/deregister/consul%2Fx%2Fdb-1"))[0] == 404
+        assert "consul/x/db-1" not in (await client.get("/v1/agent/services"))[2]
         assert (await client.put("/v1/agent/service/deregister/cfg-1"))[0] == 200  # until reload
-        assert list(api.registry.snapshot.instances) == ["remote-1"]
+        assert sorted(api.registry.snapshot.instances) == ["consul/x/db-1", "remote-1"]
 
 
 async def test_ttl_pass_warn_fail_with_note(client: Client) -> None:
