@@ -109,6 +109,12 @@ class MirrorStatsView(Protocol):
     def requests(self) -> int: ...
     @property
     def errors(self) -> int: ...
+    @property
+    def refused(self) -> int: ...
+    @property
+    def watched(self) -> int: ...
+    @property
+    def polled(self) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,6 +261,19 @@ def _mirror(stats: MirrorStatsView) -> Iterator[Metric]:
     )
     yield GaugeMetricFamily(
         "waypost_consul_pulled_instances", "Instances pulled from Consul", value=stats.pulled
+    )
+    yield GaugeMetricFamily(
+        "waypost_consul_refused_registrations",
+        "Our registrations Consul refused (400); retried when they change",
+        value=stats.refused,
+    )
+    yield GaugeMetricFamily(
+        "waypost_consul_watched_services", "Services pulled by blocking query", value=stats.watched
+    )
+    yield GaugeMetricFamily(
+        "waypost_consul_polled_services",
+        "Services pulled by polling (beyond the blocking-query limit)",
+        value=stats.polled,
     )
     yield CounterMetricFamily(
         "waypost_consul_requests", "HTTP requests made to Consul", value=stats.requests

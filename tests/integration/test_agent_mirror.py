@@ -37,6 +37,11 @@ async def status_of(url: str) -> int:
         return response.status
 
 
+async def text_of(url: str) -> str:
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        return await response.text()
+
+
 async def test_agent_pushes_pulls_and_reports_consul_health(tmp_path: Path) -> None:
     async with ConsulStandin() as consul:
         config = tmp_path / "agent.hcl"
@@ -81,6 +86,10 @@ async def test_agent_pushes_pulls_and_reports_consul_health(tmp_path: Path) -> N
             assert [rr.address for rrset in reply.answer for rr in rrset] == ["127.0.0.9"]
             assert reply.answer[0].rdtype == dns.rdatatype.A
             assert await status_of(health) == 200
+            metrics = await text_of(f"http://127.0.0.1:{http}/v1/metrics")
+            assert "waypost_consul_healthy 1.0" in metrics
+            pulled = re.search(r"^waypost_consul_pulled_instances (\S+)$", metrics, re.M)
+            assert pulled is not None and float(pulled[1]) >= 1  # db-1 (and Consul's own)
 
             # outage: degraded, not down; back to 200 once Consul answers again
             await consul.stop_listening()
