@@ -59,6 +59,8 @@ from tests.bench.http_report import (
     Report,
     Round,
     WatchResult,
+    best_register,
+    best_watch,
     parse_metric,
     render_lookup,
     render_register,
@@ -67,6 +69,7 @@ from tests.bench.http_report import (
 )
 from tests.bench.http_servers import (
     CLIENT_CORE,
+    REPO,
     WEB,
     Server,
     http_get,
@@ -398,12 +401,12 @@ def register_round(
         registered = bench_instances(agent)
         committed = commits(agent) - before
         started = time.monotonic()
-        again = restart_agent(agent)  # SIGKILL, then the same command on the same data dir
+        again, failed = restart_agent(agent)  # SIGKILL, the same command on the same data dir
         stack.callback(again.close)
         restart_seconds = time.monotonic() - started
         restored = bench_instances(again)
         return RegisterResult(
-            run, connections, registered, committed, restored, restart_seconds, share
+            run, connections, registered, committed, restored, restart_seconds, share, tuple(failed)
         )
 
 
@@ -451,6 +454,30 @@ def _fs_type(path: str) -> str:
     return kind
 
 
+def _revision() -> str:
+    """The commit measured, and whether discovery/ differs from it in the working tree."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            check=False,
+            text=True,
+            cwd=REPO,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "discovery"],
+            capture_output=True,
+            check=False,
+            text=True,
+            cwd=REPO,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown revision"
+    return f"commit {head or '?'}" + (" + uncommitted changes in discovery/" if dirty else "")
+
+
 def render_header(args: argparse.Namespace, argv: Sequence[str]) -> str:
     cpu = "unknown CPU"
     with contextlib.suppress(OSError):
@@ -464,7 +491,7 @@ def render_header(args: argparse.Namespace, argv: Sequence[str]) -> str:
     return (
         f"HTTP benchmark {now}: {cpu}, {os.cpu_count()} CPUs, Linux {platform.release()}, "
         f"Python {platform.python_version()}, load {load}\n"
-        f"command: .venv/bin/python -m tests.bench.http_api {shlex.join(argv)}\n"
+        f"command: .venv/bin/python -m tests.bench.http_api {shlex.join(argv)} ({_revision()})\n"
         f"{args.rounds} round(s) of {args.duration:g} s runs; {wrk_version()}; "
         f"{_tool_version(['nginx', '-v'])}; "
         f"aiohttp {_version('aiohttp')}, uvloop {_version('uvloop')}; "
@@ -473,29 +500,15 @@ def render_header(args: argparse.Namespace, argv: Sequence[str]) -> str:
     )
 
 
-def _all_rounds(report: Report) -> list[str]:
-    out: list[str] = []
-    if len(report.watches) > 1:
-        rounds = " / ".join(f"{w.all_answered * 1e3:.0f}" for w in report.watches)
-        out.append(f"watchers, all answered (ms), every round: {rounds}")
-    if len(report.registers) > 1:
-        rounds = " / ".join(f"{r.acknowledged / r.run.duration:,.0f}" for r in report.registers)
-        out.append(f"registrations/s, every round: {rounds}")
-    return out
-
-
 def render_report(report: Report) -> str:
+    """The tables: lookup side by side, then the best watcher and registration rounds."""
     parts: list[str] = []
     if report.lookups:
         parts.append(render_lookup(report))
     if report.watches:
-        parts.append(render_watch(min(report.watches, key=lambda w: w.all_answered)))
+        parts.append(render_watch(best_watch(report.watches)))
     if report.registers:
-        best = max(report.registers, key=lambda r: r.acknowledged / r.run.duration)
-        parts.append(render_register(best))
-    rounds = _all_rounds(report)
-    if rounds:
-        parts.append("\n".join(rounds))
+        parts.append(render_register(best_register(report.registers)))
     return "\n\n".join(parts)
 
 

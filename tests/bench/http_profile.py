@@ -27,8 +27,9 @@ from tests.bench.http_servers import CLIENT_CORE
 SAMPLE_RATE = 200  # samples/s: enough for percentages over seconds, cheap for the agent
 FAST_SAMPLE_RATE = 1000  # for events that last a fraction of a second
 TOP = 15  # functions listed per view
-# Innermost frames that mean "waiting for the kernel", not work (seen with --idle only).
-IDLE_LEAVES = ("select (", "poll (")
+# Innermost frames that mean "waiting", not work: py-spy does not always see that a thread
+# sleeps (the store's writer thread waiting for its next batch shows as `_worker`).
+IDLE_LEAVES = ("select (", "poll (", "_worker (concurrent/futures/thread.py)")
 # A sample whose innermost Python frame is the loop's entry point was in uvloop's C code:
 # polling, reading sockets, calling back into Python.
 IN_LOOP = "Runner.run (asyncio/runners.py)"

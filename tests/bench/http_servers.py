@@ -43,6 +43,7 @@ REPO = Path(__file__).resolve().parents[2]  # `python -m tests.bench...` needs i
 SERVER_CORE = 0
 CLIENT_CORE = 1
 STOP_TIMEOUT = 5.0  # seconds between SIGTERM and SIGKILL
+RESTART_ATTEMPTS = 3  # starts of the agent on a crashed one's data dir
 PROBE_TIMEOUT = 1.0  # one readiness request
 LOG_TAIL = 2000  # characters of a failed server's log shown in the error
 LISTEN_LINE = re.compile(r"waypost: http listening on 127\.0\.0\.1:(\d+)")
@@ -80,6 +81,7 @@ class Server:
     command: Sequence[str]
     log_path: Path
     data_dir: Path | None = None
+    keep_workdir: bool = False  # a restart in progress: the next process needs the dir
     closed: bool = field(default=False)
 
     @property
@@ -146,7 +148,8 @@ class Server:
                     self.proc.kill()
                     self.proc.wait(STOP_TIMEOUT)
         finally:
-            shutil.rmtree(self.workdir, ignore_errors=True)
+            if not self.keep_workdir:
+                shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 # -- plain HTTP on loopback ---------------------------------------------------------------
@@ -202,15 +205,19 @@ def _spawn(
     probe: str,
     deadline: float,
     core: int,
+    keep_workdir: bool = False,
 ) -> Server:
-    """Start `command` on `core`, wait until it answers GET `probe`; clean up if it never does."""
+    """Start `command` on `core`, wait until it answers GET `probe`; clean up if it never does.
+
+    With `keep_workdir` the temp dir survives a failed start (a restart may try again).
+    """
     pinned = ["taskset", "-c", str(core), *command]
     log_path = workdir / f"{name}.log"
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
             pinned, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=REPO
         )
-    server = Server(name, 0, proc, workdir, pinned, log_path)
+    server = Server(name, 0, proc, workdir, pinned, log_path, keep_workdir=keep_workdir)
     try:
         end = time.monotonic() + deadline
         while time.monotonic() < end:
@@ -308,22 +315,42 @@ def start_agent(*, deadline: float = 120.0, core: int = SERVER_CORE) -> Server:
     return server
 
 
-def restart_agent(crashed: Server, *, deadline: float = 300.0) -> Server:
-    """The agent again, on the killed one's config and data dir; the new one owns its temp dir."""
+def restart_agent(
+    crashed: Server, *, deadline: float = 300.0, attempts: int = RESTART_ATTEMPTS
+) -> tuple[Server, list[str]]:
+    """SIGKILL `crashed`, start the agent again on its config and data dir.
+
+    Returns the new server (which owns the temp dir now) and the errors of the
+    attempts that failed before it (a start can fail for reasons that are not
+    about the data, e.g. a port taken; each attempt picks new ports).
+    Error handling: the last attempt's ServerError propagates; the temp dir is removed.
+    """
     assert crashed.data_dir is not None
     crashed.kill()
-    crashed.closed = True  # its temp dir now belongs to the new process
-    server = _spawn(
-        "waypost",
-        crashed.command[3:],  # without `taskset -c N`
-        crashed.workdir,
-        find_port=_from_log,
-        probe=AGENT_PROBE,
-        deadline=deadline,
-        core=SERVER_CORE,
-    )
-    server.data_dir = crashed.data_dir
-    return server
+    crashed.closed = True  # its temp dir now belongs to the next process
+    failures: list[str] = []
+    for attempt in range(attempts):
+        try:
+            server = _spawn(
+                "waypost",
+                crashed.command[3:],  # without `taskset -c N`
+                crashed.workdir,
+                find_port=_from_log,
+                probe=AGENT_PROBE,
+                deadline=deadline,
+                core=SERVER_CORE,
+                keep_workdir=True,
+            )
+        except ServerError as exc:
+            failures.append(str(exc).splitlines()[-1])
+            if attempt + 1 == attempts:
+                shutil.rmtree(crashed.workdir, ignore_errors=True)
+                raise
+            continue
+        server.keep_workdir = False
+        server.data_dir = crashed.data_dir
+        return server, failures
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 def render_nginx_conf(workdir: Path, port: int, content_type: str) -> str:
