@@ -7,7 +7,8 @@
 # Durations are Go/Consul strings ("0s", "250ms", "5s", "1m30s") or
 # integers (seconds).  Unknown keys are an error.  JSON files (*.json)
 # take the same keys.  SIGHUP re-reads every file: services and `dns`
-# apply at once; node, addresses, ports and data_dir need a restart.
+# apply at once; node, addresses, ports, data_dir, `acl` and `consul`
+# need a restart.
 
 datacenter  = "dc1"         # the <dc> label in names; queries without it mean this one
 domain      = "nomad."      # the zone waypost answers for
@@ -18,7 +19,7 @@ bind_addr = "127.0.0.1" # where DNS and HTTP listen unless `addresses` says othe
 # advertise_addr = "192.0.2.10"  # this node's address; default: bind_addr, or
 #                                # 127.0.0.1 when bind_addr is 0.0.0.0 or ::
 
-data_dir = "/var/lib/waypost" # default ./data with --dev
+data_dir = "/var/lib/waypost" # waypost.db (SQLite) and its lock; default ./data with --dev
 
 addresses {
   dns  = "127.0.0.1" # default: bind_addr
@@ -27,7 +28,7 @@ addresses {
 
 ports {
   dns  = 8600 # UDP and TCP; 0 picks a free port
-  http = 4646 # the HTTP API is not served yet; the setting is validated
+  http = 4646 # the HTTP API (Consul and Nomad shapes); 0 picks a free port
 }
 
 dns {
@@ -78,16 +79,36 @@ service {
     grpc = 9091
   }
 
-  # Consul's check shape; exactly one of http, tcp or ttl.  Checks are not run
-  # yet: a service with checks starts with the worst of their `status`
-  # (a check without `status` starts critical, as in Consul).
+  # Consul's check shape; exactly one of http, tcp or ttl.  The agent runs
+  # http and tcp checks every `interval`; a ttl check is critical until
+  # PUT /v1/agent/check/pass/<id> (then again when the ttl runs out).
+  # A check without `status` starts critical, as in Consul; the service's
+  # health is the worst of its checks.
   check {
     id       = "api-http"                       # default: service:<service id>[:<n>]
     name     = "API health"
     http     = "http://127.0.0.1:9090/health"   # or tcp = "127.0.0.1:9090", or ttl = "30s"
     interval = "10s"                            # required for http and tcp
     timeout  = "2s"                             # default 10s
-    deregister_critical_service_after = "10m"
+    deregister_critical_service_after = "10m"   # remove the instance after 10m critical
     status   = "passing"                        # initial status
   }
 }
+
+# ACL tokens for the HTTP API (see examples/acl.hcl).  Off by default.
+acl {
+  enabled        = false
+  default_policy = "deny" # requests without a known token: "deny" or "read"
+  tokens         = {}     # { "<secret of 8+ characters>" = "read" | "write" }
+}
+
+# The Consul mirror (see examples/consul.hcl).  A `consul` block, even an empty
+# one, turns it on; without one there is no mirror.
+# consul {
+#   address    = "127.0.0.1:8500"  # default CONSUL_HTTP_ADDR, else 127.0.0.1:8500
+#   token      = "<secret>"        # default CONSUL_HTTP_TOKEN
+#   datacenter = "dc1"             # default: the Consul agent's
+#   push       = true
+#   pull       = true
+#   services   = []                # pulled services; empty: all
+# }
