@@ -36,7 +36,8 @@ MIN_SECRET = 8  # shorter secrets are guessable; Consul's are UUIDs
 class AclSettings:
     enabled: bool = False
     default_policy: str = "deny"  # for requests without a known token
-    tokens: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    # secrets: never in reprs or logs
+    tokens: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), repr=False)
 
 
 def parse_policy(value: object, fieldname: str, *, allowed: tuple[str, ...] = POLICIES) -> str:

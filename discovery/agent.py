@@ -42,6 +42,7 @@ ConfigLoader = Callable[[], AgentConfig]
 
 # Fixed for the life of the process: the node the registry is built around and the sockets.
 RESTART_ONLY = ("node_name", "node_address", "dns_addr", "http_addr", "data_dir", "acl", "consul")
+HOLDS_SECRETS = frozenset({"acl", "consul"})
 EXIT_OK = 0
 EXIT_FAILED = 1  # could not start (address in use...)
 
@@ -79,10 +80,13 @@ class Agent:
         """Make a re-read config current: services and DNS settings; keep the rest as started."""
         running = self.config
         for name in RESTART_ONLY:
-            if getattr(new, name) != getattr(running, name):
-                log.warning(
-                    "%s changed to %s; restart waypost to apply it", name, getattr(new, name)
-                )
+            value = getattr(new, name)
+            if value == getattr(running, name):
+                continue
+            if name in HOLDS_SECRETS:  # tokens: never in logs
+                log.warning("%s changed; restart waypost to apply it", name)
+            else:
+                log.warning("%s changed to %s; restart waypost to apply it", name, value)
         dns = replace(new.dns, node_name=running.node_name, node_address=running.node_address)
         fixed = {name: getattr(running, name) for name in RESTART_ONLY}
         self.registry.replace_source(

@@ -386,6 +386,21 @@ def test_reload_keeps_what_needs_a_restart(run_agent: Callable[..., Agent], conf
     assert agent.query("second.node.nomad", "A").rcode() == dns.rcode.NXDOMAIN
 
 
+def test_reload_never_logs_tokens(run_agent: Callable[..., Agent], config: Path) -> None:
+    acl = 'acl {{\n  enabled = true\n  tokens = {{\n    "{}" = "write"\n  }}\n}}\n'
+    first, second = "first-secret-token-1", "second-secret-token-2"
+    config.write_text(acl.format(first) + WEB)
+    agent = run_agent().started()
+    replace_config(config, acl.format(second) + WEB)
+    agent.signal(signal.SIGHUP)
+    agent.expect(r"^waypost: warning: acl changed; restart waypost to apply it$")
+    agent.expect(r"^waypost: config reloaded")
+    agent.signal(signal.SIGTERM)
+    assert agent.exit_code() == 0
+    logged = "\n".join(agent.rest_of_stderr())
+    assert first not in logged and second not in logged
+
+
 def test_net_command_is_netsetups(tmp_path: Path) -> None:
     """`waypost net ...` is netsetup's command line (here `list` of an empty state)."""
     done = subprocess.run(

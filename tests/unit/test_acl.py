@@ -36,6 +36,11 @@ def test_allowed(settings: AclSettings, token: str | None, access: Access, expec
     assert allowed(settings, token, access) is expected
 
 
+def test_settings_repr_never_shows_tokens() -> None:
+    assert WRITER not in repr(ON) and READER not in repr(ON)
+    assert WRITER not in str(ON)
+
+
 def test_redact_never_shows_the_token() -> None:
     assert WRITER not in redact(WRITER)
     assert redact(None) == "<none>"
