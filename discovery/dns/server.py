@@ -4,9 +4,13 @@ No DNS logic lives here: every message goes to :meth:`Responder.respond` and
 its bytes go back to the client.  The server only frames messages, relays
 forwarded queries (:mod:`discovery.dns.forward`) and enforces resource limits.
 
-- UDP: :meth:`_UdpProtocol.datagram_received` answers synchronously; it is the
-  hot path, so it creates no task, logs nothing and allocates nothing besides
-  what the responder returns.
+- UDP: the hot path, answered synchronously: no task, no log line, nothing
+  allocated per datagram beyond its bytes, its reply and a list slot.  On Linux
+  :class:`_UdpBatchReader` reads up to :data:`UDP_BATCH` datagrams per
+  recvmmsg and sends their replies with one sendmmsg (:mod:`discovery.dns.udpbatch`);
+  per datagram, recvfrom + sendto + a loop dispatch cost more CPU than the
+  answer itself (tests/bench/README.md).  Elsewhere, or with `udp_batch=0`,
+  :class:`_UdpProtocol` on asyncio's datagram transport, one datagram per call.
 - TCP (RFC 7766): 2-octet length framing, several pipelined queries per
   connection (forwarded ones may be answered out of order, section 6.2.1.1),
   an idle timeout (section 6.2.3), a cap on connections and on outstanding
@@ -17,7 +21,10 @@ forwarded queries (:mod:`discovery.dns.forward`) and enforces resource limits.
 Error handling: an exception from the responder becomes
 :meth:`Responder.servfail` and serving goes on; each exception type is logged
 at most once per :data:`ERROR_LOG_INTERVAL` with a count of the ones skipped.
-An error on one client's socket only affects that client.
+An error on one client's socket only affects that client.  A UDP reply the
+kernel refuses is logged at debug level (as asyncio's transport does); replies
+the socket has no room for wait, up to :data:`MAX_UDP_BACKLOG` octets, and
+beyond that are dropped and logged like errors.
 """
 
 from __future__ import annotations
@@ -27,9 +34,11 @@ import errno
 import logging
 import socket
 import time
+from collections import deque
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
+from discovery.dns import udpbatch
 from discovery.dns.forward import forward_query
 from discovery.dns.responder import ForwardQuery, Responder
 
@@ -56,8 +65,24 @@ MAX_TCP_MESSAGE = 65535
 AA_BIT = 0x04
 RA_BIT = 0x80
 MIN_TIMER = 0.05  # seconds; re-arming the idle timer sooner than this is pointless
+# Datagrams read (recvmmsg) and answered (sendmmsg) per system call; 0: asyncio's transport.
+UDP_BATCH = udpbatch.DEFAULT_SIZE
+# Full batches read per readiness event before other callbacks get their turn.
+UDP_BATCHES_PER_WAKEUP = 4
+# UDP replies queued while the socket's send buffer is full; beyond that they are dropped.
+MAX_UDP_BACKLOG = 1024 * 1024  # octets
 
 Send = Callable[[bytes], None]
+
+
+class _UdpEndpoint(Protocol):
+    """The UDP side of a server: one socket for every client (transport or batch reader)."""
+
+    closed: asyncio.Future[None]
+
+    def close(self) -> None: ...
+
+    def is_closing(self) -> bool: ...
 
 
 class _ErrorLog:
@@ -93,8 +118,7 @@ class DnsServer:
         self.port = 0
         self.max_tcp_connections = max_tcp_connections
         self.max_forwards = max_forwards
-        self._udp: asyncio.DatagramTransport | None = None
-        self._udp_protocol: _UdpProtocol | None = None
+        self._udp: _UdpEndpoint | None = None
         self._tcp: asyncio.Server | None = None
         self._connections: set[_TcpConnection] = set()
         self._forwards: set[asyncio.Task[None]] = set()
@@ -131,8 +155,8 @@ class DnsServer:
             await self._tcp.wait_closed()
         await asyncio.gather(*self._forwards, return_exceptions=True)
         waiters = [conn.closed for conn in self._connections]
-        if self._udp_protocol is not None:
-            waiters.append(self._udp_protocol.closed)
+        if self._udp is not None:
+            waiters.append(self._udp.closed)
         await asyncio.gather(*waiters)
 
     # -- used by the protocols ---------------------------------------------------
@@ -218,6 +242,13 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         self._sendto: Callable[[bytes, Any], None] = _discard
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport is None or self._transport.is_closing()
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # cast: asyncio's own UDP transport only subclasses DatagramTransport from 3.12.
         self._transport = cast(asyncio.DatagramTransport, transport)
@@ -254,6 +285,131 @@ class _UdpProtocol(asyncio.DatagramProtocol):
 
 def _discard(data: bytes, addr: Any) -> None:
     """The `sendto` of a protocol whose transport is not there yet."""
+
+
+class _UdpBatchReader:
+    """One socket for every UDP client, read and answered in batches (recvmmsg/sendmmsg).
+
+    On readiness one recvmmsg takes up to a batch of queries; their replies
+    leave in one sendmmsg, addressed with the peers' sockaddrs as received.
+    Replies the socket has no room for wait in a bounded backlog, sent one by
+    one with sendto when the socket is writable again (as asyncio's transport does).
+    """
+
+    def __init__(self, server: DnsServer, sock: socket.socket, size: int) -> None:
+        self._server = server
+        self._respond = server.responder.respond
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._loop = asyncio.get_running_loop()
+        self._backlog: deque[tuple[bytes, Any]] = deque()
+        self._backlog_size = 0
+        self.closed: asyncio.Future[None] = self._loop.create_future()
+        self._batch = udpbatch.UdpBatch(self._fd, size)
+        try:
+            self._loop.add_reader(self._fd, self._readable)
+        except BaseException:
+            self._batch.close()
+            raise
+
+    def close(self) -> None:
+        if self._sock.fileno() < 0:
+            return
+        self._loop.remove_reader(self._fd)
+        if self._backlog:
+            self._loop.remove_writer(self._fd)
+            self._backlog.clear()
+        self._sock.close()
+        self._batch.close()
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def is_closing(self) -> bool:
+        return self._sock.fileno() < 0
+
+    def _readable(self) -> None:
+        batch = self._batch
+        for _ in range(UDP_BATCHES_PER_WAKEUP):
+            try:
+                count = batch.receive()
+            except OSError as exc:
+                # ICMP errors about an earlier reply (that client is gone) and the like.
+                log.debug("DNS UDP socket error: %s", exc)
+                return
+            if not count:
+                return
+            self._answer(count)
+            if count < batch.size or self._sock.fileno() < 0:
+                return
+
+    def _answer(self, count: int) -> None:
+        batch, server, respond = self._batch, self._server, self._respond
+        # The responder reads `client` only for the recursion allow-list: text
+        # for the address is made only when recursors are configured.
+        recursion = bool(server.responder.settings.recursors)
+        replies: list[bytes | None] = []
+        for i, data in enumerate(batch.datagrams(count)):
+            try:
+                reply = respond(data, client=batch.client(i) if recursion else "", tcp=False)
+            except Exception as exc:
+                reply = server.failed(exc, data)
+            if isinstance(reply, ForwardQuery):
+                server.forward(reply.query, data, self._sender(batch.peer(i)), tcp=False)
+                reply = None
+            replies.append(reply)
+        unsent = batch.send(replies)
+        if unsent is None:
+            return
+        for _, error in unsent.failed:
+            log.debug("DNS UDP reply not sent: %s", error)
+        for i in unsent.blocked:
+            reply = replies[i]
+            if reply is not None:
+                self._queue(reply, batch.peer(i))
+
+    def _sender(self, addr: Any) -> Send:
+        return lambda reply: self._sendto(reply, addr)
+
+    def _sendto(self, reply: bytes, addr: Any) -> None:
+        """Send one reply now, or queue it behind the ones waiting for room."""
+        if self._sock.fileno() < 0:
+            return
+        if not self._backlog:
+            try:
+                self._sock.sendto(reply, addr)
+                return
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError as exc:
+                log.debug("DNS UDP reply to %s not sent: %s", addr, exc)
+                return
+        self._queue(reply, addr)
+
+    def _queue(self, reply: bytes, addr: Any) -> None:
+        if self._backlog_size + len(reply) > MAX_UDP_BACKLOG:
+            self._server.report(
+                "DNS UDP send buffer full; dropping replies",
+                OSError(errno.ENOBUFS, f"{self._backlog_size} octets of replies queued"),
+            )
+            return
+        if not self._backlog:
+            self._loop.add_writer(self._fd, self._writable)
+        self._backlog.append((reply, addr))
+        self._backlog_size += len(reply)
+
+    def _writable(self) -> None:
+        backlog = self._backlog
+        while backlog:
+            reply, addr = backlog[0]
+            try:
+                self._sock.sendto(reply, addr)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.debug("DNS UDP reply to %s not sent: %s", addr, exc)
+            backlog.popleft()
+            self._backlog_size -= len(reply)
+        self._loop.remove_writer(self._fd)
 
 
 class _TcpConnection(asyncio.Protocol):
@@ -451,8 +607,13 @@ async def start_dns(
     *,
     max_tcp_connections: int = MAX_TCP_CONNECTIONS,
     max_forwards: int = MAX_FORWARDS,
+    udp_batch: int = UDP_BATCH,
 ) -> DnsServer:
     """Serve DNS for `responder` on `host`:`port`, UDP and TCP; port 0 picks a free port.
+
+    `udp_batch` datagrams are read and answered per system call where the
+    platform has recvmmsg/sendmmsg; 0 (or a platform without them) uses
+    asyncio's datagram transport, one datagram per call.
 
     Error handling: an address that cannot be resolved or bound raises OSError
     naming the protocol and address (errno kept); nothing stays open then.
@@ -471,14 +632,11 @@ async def start_dns(
     )
     server.host, server.port = udp_sock.getsockname()[:2]
     try:
-        udp, udp_protocol = await loop.create_datagram_endpoint(
-            lambda: _UdpProtocol(server), sock=udp_sock
-        )
+        server._udp = await _start_udp(server, udp_sock, udp_batch)
     except BaseException:
         udp_sock.close()
         tcp_sock.close()
         raise
-    server._udp, server._udp_protocol = udp, udp_protocol
     try:
         server._tcp = await loop.create_server(
             lambda: _TcpConnection(server), sock=tcp_sock, backlog=TCP_BACKLOG
@@ -490,6 +648,15 @@ async def start_dns(
         raise
     log.debug("DNS serving on %s port %d (UDP and TCP)", server.host, server.port)
     return server
+
+
+async def _start_udp(server: DnsServer, sock: socket.socket, batch: int) -> _UdpEndpoint:
+    """The batch reader when asked for and possible, else asyncio's datagram transport."""
+    if batch > 0 and udpbatch.available():
+        return _UdpBatchReader(server, sock, batch)
+    loop = asyncio.get_running_loop()
+    _, protocol = await loop.create_datagram_endpoint(lambda: _UdpProtocol(server), sock=sock)
+    return protocol
 
 
 def _bind_pair(
