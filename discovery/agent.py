@@ -21,6 +21,7 @@ import logging
 import signal
 from collections.abc import Callable
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from discovery import api_consul, api_nomad, api_waypost
 from discovery.api import ApiContext
@@ -32,7 +33,9 @@ from discovery.errors import StateError, WaypostError
 from discovery.events import EventLog
 from discovery.httpapi import HttpServer, HttpStats, StreamRoute, start_http
 from discovery.metrics import MetricsSources
-from discovery.mirror import Mirror, start_mirror
+
+if TYPE_CHECKING:
+    from discovery.mirror import Mirror
 from discovery.registry import Registry
 from discovery.store import Store, open_store
 
@@ -123,6 +126,9 @@ async def start_agent(config: AgentConfig) -> Agent:
         parts.push_async_callback(checks.close)
         mirror = None
         if config.consul is not None:
+            # Imported only when configured: py-consul brings `requests` and its TLS stack.
+            from discovery.mirror import start_mirror
+
             mirror = await start_mirror(
                 registry, config.consul, node=config.node_name, datacenter=config.datacenter
             )

@@ -20,7 +20,6 @@ from discovery.agent import run_agent
 from discovery.config import AgentConfig, Endpoint, Overrides, parse_endpoint
 from discovery.errors import ConfigError, ValidationError
 from discovery.hclfile import load_config
-from netsetup import cli as netsetup_cli
 
 EXIT_USAGE = 2  # argparse's code for bad usage; config errors share it
 
@@ -91,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `waypost` console script and `python -m discovery`."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["net"]:  # allocation networking by hand: netsetup's own command line
+        from netsetup import cli as netsetup_cli  # only then: pyroute2 stays out of the agent
+
         return netsetup_cli.main(argv[1:])
     args = build_parser().parse_args(argv)
     overrides = Overrides(
