@@ -50,8 +50,9 @@ MAX_TCP_CONNECTIONS = 512
 MAX_TCP_PENDING = 64
 # Forwarded queries in flight over the whole server; beyond that: SERVFAIL.
 MAX_FORWARDS = 1000
-# Port 0: UDP picks a free port, TCP may find it taken; then try another one.
-BIND_ATTEMPTS = 5
+# Port 0: UDP picks a free port, TCP may find it taken (outgoing connections hold
+# ports of the same range on a busy host); then try another one.
+BIND_ATTEMPTS = 50
 # A large receive buffer absorbs bursts instead of dropping them (capped by rmem_max).
 UDP_RECEIVE_BUFFER = 4 * 1024 * 1024
 TCP_BACKLOG = 256
