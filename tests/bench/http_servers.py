@@ -196,7 +196,7 @@ def answers(port: int, path: str) -> bool:
 # -- starting ------------------------------------------------------------------------------
 
 
-def _spawn(
+def spawn(
     name: str,
     command: Sequence[str],
     workdir: Path,
@@ -234,7 +234,7 @@ def _spawn(
         raise
 
 
-def _from_log(server: Server) -> int | None:
+def from_log(server: Server) -> int | None:
     try:
         found = LISTEN_LINE.findall(server.log_path.read_text(errors="replace"))
     except OSError:
@@ -302,11 +302,11 @@ def start_agent(*, deadline: float = 120.0, core: int = SERVER_CORE) -> Server:
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
-    server = _spawn(
+    server = spawn(
         "waypost",
         command,
         workdir,
-        find_port=_from_log,
+        find_port=from_log,
         probe=AGENT_PROBE,
         deadline=deadline,
         core=core,
@@ -331,11 +331,11 @@ def restart_agent(
     failures: list[str] = []
     for attempt in range(attempts):
         try:
-            server = _spawn(
+            server = spawn(
                 "waypost",
                 crashed.command[3:],  # without `taskset -c N`
                 crashed.workdir,
-                find_port=_from_log,
+                find_port=from_log,
                 probe=AGENT_PROBE,
                 deadline=deadline,
                 core=SERVER_CORE,
@@ -417,7 +417,7 @@ def start_nginx(
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
-    return _spawn(
+    return spawn(
         "nginx",
         command,
         workdir,
