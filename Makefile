@@ -43,6 +43,9 @@ bench-deps: $(STAMP)
 ## bench: the benchmarks in tests/bench (not part of the test suite)
 bench: bench-deps
 	$(BIN)/python -m tests.bench.dns_qps
+	$(BIN)/python -m tests.bench.http_api
+	$(BIN)/python -m tests.bench.mirror_sync
+	$(BIN)/python -m tests.bench.net_setup
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from collections.abc import Callable
@@ -243,6 +244,9 @@ async def serve(config: AgentConfig, load: ConfigLoader) -> int:
     try:
         try:
             agent = await start_agent(config)
+            # Everything built so far lives as long as the agent: keep it out of the
+            # collector's full passes, which otherwise stall wake-ups of many watchers.
+            gc.freeze()
         except OSError as exc:
             log.error("cannot listen: %s", exc)
             return EXIT_FAILED

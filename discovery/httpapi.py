@@ -246,15 +246,29 @@ def _api_request(request: web.Request, body: bytes, ctx: ApiContext) -> ApiReque
 
 
 def _route_handler(route: Route) -> Handler:
+    cacheable = route.read is not None and route.watch is not None
+
     async def handle(request: web.Request) -> web.StreamResponse:
         state = request.app[STATE]
         _authorize(request, route.access, state.acl)
+        # The hot path of lookups: a non-blocking cached read, found by the raw query
+        # string before anything is parsed (the same encoding _read caches).
+        quick = None
+        if cacheable and "index" not in request.query:
+            snap = state.ctx.registry.snapshot
+            quick = (route.path, request.path, request.query_string, snap.index)
+            encoded = state.cache.get(quick)
+            if encoded is not None:
+                return _respond(encoded)
         body = await request.read() if request.body_exists else b""
         req = _api_request(request, body, state.ctx)
         if route.write is not None:
             written = await route.write(req, state.ctx)
             return _respond(_encode(written, written.index))
-        return _respond(await _read(state, route, req))
+        encoded = await _read(state, route, req)
+        if quick is not None and quick[-1] == state.ctx.registry.snapshot.index:
+            state.cache.put(quick, encoded)
+        return _respond(encoded)
 
     return handle
 

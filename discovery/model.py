@@ -116,10 +116,11 @@ class Instance:
     create_index: int = field(default=0, compare=False)
     modify_index: int = field(default=0, compare=False)
 
-    @property
-    def key(self) -> str:
-        """The service name as matched (lower case)."""
-        return self.service.lower()
+    # The service name as matched (lower case); derived, set once in __post_init__.
+    key: str = field(init=False, repr=False, compare=False, default="")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", self.service.lower())
 
     @property
     def weight(self) -> int:
