@@ -12,6 +12,13 @@ namespace (namespaces are per thread), bind-mounts /proc/thread-self/ns/net at
 opened the same way (a thread that setns()s, opens the socket, and exits), so a socket
 keeps pointing at that namespace while the rest of the process stays where it is.
 
+The kernel does a netlink request's work inside the sender's sendmsg(), so every
+request through `AsyncIPRoute` holds the event loop for as long as the kernel works.
+That is fine for the milliseconds of an add; deleting a device waits for RCU grace
+periods (10-30 ms on a busy host), so link deletions send their RTM_DELLINK from a
+small pool of threads of their own, on sockets `start_links` opens next to the loop's
+one (so in the same namespace).
+
 Names come from NetConfig: namespaces at <netns_dir>/<alloc-id> (/var/run/netns),
 `alloc_interface` (eth0) inside, host-side veths `veth_prefix` + hex of the alloc id's
 hash (15 chars).  Ownership (what reconcile and the leak checks may remove): veths named
@@ -29,11 +36,15 @@ import ctypes
 import errno
 import hashlib
 import ipaddress
+import itertools
 import os
+import queue
 import re
 import socket
+import struct
 import threading
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
@@ -61,6 +72,16 @@ _IFA_F_NODAD = 0x02
 _RT_SCOPE_UNIVERSE = 0
 _RT_TABLE_MAIN = 254
 _BRIDGE_MODE_HAIRPIN = 1
+_RTM_DELLINK = 17
+_NLMSG_ERROR = 2
+_NLM_F_REQUEST_ACK = 0x1 | 0x4
+_NLMSG_HEADER = struct.Struct("=IHHII")  # struct nlmsghdr
+_IFINFOMSG = struct.Struct("=BxHiII")  # struct ifinfomsg
+DELETERS = 4  # threads that send link deletions (the kernel's RCU waits overlap)
+_IN6_ADDR_GEN_MODE_NONE = 1
+_NO_IPV6_ADDRESSES = {
+    "attrs": [["AF_INET6", {"attrs": [["IFLA_INET6_ADDR_GEN_MODE", _IN6_ADDR_GEN_MODE_NONE]]}]]
+}
 
 T = TypeVar("T")
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -277,6 +298,32 @@ def _socket_in_namespace(path: Path) -> socket.socket:
         os.close(original)
 
 
+def _delete_link_blocking(sock: socket.socket, index: int, sequence: int) -> None:
+    """RTM_DELLINK of `index` on `sock` (NETLINK_ROUTE), waiting for the kernel's answer.
+
+    Blocks for as long as the kernel works (its RCU waits): call it in a worker thread.
+    Answers to other sequence numbers (of an earlier, interrupted call) are skipped.
+    """
+    body = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, index, 0, 0)
+    sock.send(
+        _NLMSG_HEADER.pack(
+            _NLMSG_HEADER.size + len(body), _RTM_DELLINK, _NLM_F_REQUEST_ACK, sequence, 0
+        )
+        + body
+    )
+    while True:
+        data = sock.recv(65536)
+        offset = 0
+        while offset + _NLMSG_HEADER.size <= len(data):
+            length, kind, _, seq, _ = _NLMSG_HEADER.unpack_from(data, offset)
+            if kind == _NLMSG_ERROR and seq == sequence:
+                (code,) = struct.unpack_from("=i", data, offset + _NLMSG_HEADER.size)
+                if code:
+                    raise OSError(-code, os.strerror(-code), f"link index {index}")
+                return
+            offset += max((length + 3) & ~3, _NLMSG_HEADER.size)
+
+
 # --- sysctls of the namespace the process runs in ------------------------------------------
 
 
@@ -297,6 +344,22 @@ def ensure_sysctl(key: tuple[str, ...], value: str) -> bool:
     except OSError as exc:
         raise _kernel_error("set sysctl", f"{name}={value}", exc) from exc
     return True
+
+
+def _disable_ipv6(ifname: str) -> None:
+    """IPv6 off on `ifname` of this namespace, before it goes up (nothing without IPv6).
+
+    For the host side of a veth: a bridge port needs no address, and each one with IPv6
+    puts three routes in the host's IPv6 table, which the kernel walks whole whenever
+    a device goes down (a teardown's cost grew with the number of allocations).
+    """
+    path = Path("/proc/sys/net/ipv6/conf", ifname, "disable_ipv6")
+    try:
+        path.write_text("1\n")
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise _kernel_error("disable IPv6", ifname, exc) from exc
 
 
 def host_sysctls(bridge: str, *, ipv6: bool, bridge_nf: bool) -> list[tuple[tuple[str, ...], str]]:
@@ -350,31 +413,54 @@ async def _collect(request: Any) -> list[Any]:
 
 
 async def start_links(config: NetConfig) -> Links:
-    """A `Links` on a new netlink socket in the current namespace; close() it."""
+    """A `Links` on new netlink sockets in the current namespace; close() it."""
     ipr = AsyncIPRoute(groups=0)  # no multicast groups: no unread events pile up
+    deleters: list[socket.socket] = []
     try:
         await ipr.setup_endpoint()
+        for _ in range(DELETERS):  # here, next to `ipr`: the same namespace
+            deleters.append(socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE))
     except OSError as exc:
+        for sock in deleters:
+            sock.close()
         ipr.close()
         raise _kernel_error("open", "netlink socket", exc) from exc
-    return Links(ipr, config)
+    return Links(ipr, config, delete_sockets=deleters)
 
 
 class Links:
     """Changes and reads through one netlink socket in the host namespace.
 
     Not locked: the caller (NetworkManager) serializes changes.  Allocation namespaces
-    are reached through short-lived sockets opened inside them (`_inside`).
+    are reached through short-lived sockets opened inside them (`_inside`).  Link
+    deletions use `delete_sockets` (NETLINK_ROUTE sockets of the namespace `ipr` is
+    in), one thread each; without them they go through `ipr` and hold the loop.
     """
 
-    def __init__(self, ipr: Any, config: NetConfig) -> None:
+    def __init__(
+        self, ipr: Any, config: NetConfig, *, delete_sockets: Sequence[socket.socket] = ()
+    ) -> None:
         self._ipr = ipr
         self.netns_dir = Path(config.netns_dir)
         self.inside_ifname = config.alloc_interface
         self.veth_prefix = config.veth_prefix
         self._netns_dir_ready = False
+        self._delete_sockets = list(delete_sockets)
+        self._idle_sockets: queue.SimpleQueue[socket.socket] = queue.SimpleQueue()
+        for sock in self._delete_sockets:
+            self._idle_sockets.put(sock)
+        self._sequence = itertools.count(1)
+        self._deleters = (
+            ThreadPoolExecutor(len(self._delete_sockets), thread_name_prefix="netsetup-dellink")
+            if self._delete_sockets
+            else None
+        )
 
     def close(self) -> None:
+        if self._deleters is not None:
+            self._deleters.shutdown(wait=False)
+        for sock in self._delete_sockets:
+            sock.close()
         self._ipr.close()
 
     def veth_name(self, alloc_id: str) -> str:
@@ -429,11 +515,23 @@ class Links:
     async def delete_link_index(self, index: int, name: str) -> None:
         """Remove the link with `index` (gone already is fine).
 
-        Slow: the kernel waits for an RCU barrier after unregistering a device (tens of
-        ms on a busy host), which is why NetworkManager detaches first and deletes later.
+        Slow: the kernel waits for RCU grace periods when it unregisters a device (tens
+        of ms on a busy host), which is why NetworkManager detaches first and deletes
+        later, and why the request is sent from a thread (the event loop goes on).
         """
         async with _translated("delete link", name, ok=(errno.ENODEV,)):
-            await self._ipr.link("del", index=index)
+            if self._deleters is None:
+                await self._ipr.link("del", index=index)
+                return
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._deleters, self._delete_in_thread, index)
+
+    def _delete_in_thread(self, index: int) -> None:
+        sock = self._idle_sockets.get()  # as many sockets as threads: never waits
+        try:
+            _delete_link_blocking(sock, index, next(self._sequence))
+        finally:
+            self._idle_sockets.put(sock)
 
     async def detach_link(self, name: str) -> int | None:
         """Take link `name` down (fast); its index, None when absent.
@@ -485,7 +583,8 @@ class Links:
     async def create_veth(self, name: str, namespace: str, bridge: int, *, hairpin: bool) -> int:
         """A veth `name` on the bridge, up, whose peer is `eth0` inside `namespace`.
 
-        A taken name is an error (KernelError EEXIST): the link may be somebody else's.
+        The host side gets no IPv6 (a bridge port needs none; see `_disable_ipv6`).  A
+        taken name is an error (KernelError EEXIST): the link may be somebody else's.
         """
         inside = self.inside_ifname
         try:
@@ -499,7 +598,6 @@ class Links:
                     ifname=name,
                     kind="veth",
                     master=bridge,
-                    state="up",
                     peer={"ifname": inside, "net_ns_fd": fd},
                 )
         finally:
@@ -508,6 +606,9 @@ class Links:
             found = await self.link(name)
             if found is None:
                 raise KernelError("create veth", name, errno.ENODEV, "vanished after creation")
+            _disable_ipv6(name)
+            async with _translated("set up", name):
+                await self._ipr.link("set", index=found.index, state="up")
             if hairpin:
                 await self.set_hairpin(found.index, name, on=True)
         except BaseException:
@@ -557,7 +658,14 @@ class Links:
         address6: IPv6Interface | None = None,
         gateway6: IPv6Address | None = None,
     ) -> None:
-        """lo up, eth0 up with its address(es), default route(s) via the gateway(s)."""
+        """lo up, eth0 up with its address(es), default route(s) via the gateway(s).
+
+        Without `address6`, eth0 gets no IPv6 address at all (IN6_ADDR_GEN_MODE_NONE):
+        a link-local one would send DAD, MLD and router solicitations, which the bridge
+        floods to every other allocation (the cost of a setup grew with their number).
+        Set by netlink, not /proc/sys: a /proc/sys/net lookup walks one dentry per
+        namespace that was ever looked up there.
+        """
         where = f"{namespace}/{self.inside_ifname}"
         async with self._inside(namespace) as ipr:
             lo, eth0 = await _indexes(ipr, namespace, "lo", self.inside_ifname)
@@ -578,6 +686,9 @@ class Links:
                         prefixlen=addr.network.prefixlen,
                         **extra,
                     )
+            if address6 is None:  # no link-local address either: IPv6 stays quiet
+                async with _translated("set addrgenmode none", where):
+                    await ipr.link("set", index=eth0, IFLA_AF_SPEC=_NO_IPV6_ADDRESSES)
             async with _translated("set up", where):
                 await ipr.link("set", index=eth0, state="up")
             for addr, via in wanted:

@@ -178,12 +178,14 @@ async def _run_undo(alloc_id: str, undo: list[Undo], error: BaseException) -> No
 class _Reaper:
     """Deletes detached veths off the caller's path.
 
-    Unregistering a network device makes the kernel wait for an RCU barrier (tens of
-    ms on a busy host), longer than all the rest of a teardown.  A detached veth (down:
-    a disabled bridge port) carries no traffic, so teardown hands its deletion to the
-    reaper and returns; concurrent deletions overlap their waits.  A setup of the same allocation
-    waits for its old veth to be gone; `settle()` waits for all of them.  A crash leaves
-    detached veths behind, which reconcile removes (owned, claimed by nobody).
+    Unregistering a network device makes the kernel wait for RCU grace periods (tens
+    of ms on a busy host), longer than all the rest of a teardown.  A detached veth
+    (down: a disabled bridge port) carries no traffic, so teardown hands its deletion
+    to the reaper as its last step and returns; the request goes out from a thread of
+    netsetup.links (the event loop goes on) and concurrent deletions overlap their
+    waits.  A setup of the same allocation waits for its old veth to be gone;
+    `settle()` waits for all of them.  A crash leaves detached veths behind, which
+    reconcile removes (owned, claimed by nobody).
     """
 
     def __init__(self, links: Links) -> None:
@@ -211,6 +213,11 @@ class _Reaper:
         task = self._pending.get(name)
         if task is not None:
             await asyncio.shield(task)
+
+    async def wait_all(self) -> None:
+        """Wait for every pending deletion; failures stay for `settle()`."""
+        while self._pending:
+            await asyncio.shield(asyncio.gather(*self._pending.values()))
 
     async def settle(self) -> list[NetsetupError]:
         """Wait for every pending deletion; the failures since the last call."""
@@ -422,9 +429,13 @@ class NetworkManager:
         async with self._lock:
             record = await asyncio.to_thread(self._state.get, alloc_id)
             errors: Errors = []
-            await self._dismantle(alloc_id, self._network_of(alloc_id, record), errors)
-            if record is not None:
-                await _step(errors, asyncio.to_thread(self._state.release, alloc_id))
+            alloc = self._network_of(alloc_id, record)
+            detached = await self._dismantle(alloc_id, alloc, errors)
+            try:
+                if record is not None:
+                    await _step(errors, asyncio.to_thread(self._state.release, alloc_id))
+            finally:
+                self._reap(alloc, detached)
             if errors:
                 raise TeardownError(alloc_id, errors)
             return record is not None
@@ -440,8 +451,14 @@ class NetworkManager:
             self.config, alloc_id, record.spec, record.reservation, self.host_ip, veth
         )
 
-    async def _dismantle(self, alloc_id: str, alloc: AllocNetwork | None, errors: Errors) -> None:
-        """Forwards, veth, namespace of one allocation; failures appended to `errors`."""
+    async def _dismantle(
+        self, alloc_id: str, alloc: AllocNetwork | None, errors: Errors
+    ) -> int | None:
+        """Forwards, veth, namespace of one allocation; failures appended to `errors`.
+
+        The index of the veth it detached, for `_reap` to delete once the caller's work
+        is done (the deletion is slow and busies the kernel: it waits for the rest).
+        """
         links = self._links
         if alloc is None:  # unknown: only what is provably ours
             veth = links.veth_name(alloc_id)
@@ -449,15 +466,19 @@ class NetworkManager:
             await _step(errors, self._firewall.remove_alloc(stray))
             if await _step(errors, links.delete_link(veth)):
                 await _step(errors, links.delete_namespace(alloc_id))
-            return
+            return None
         if alloc.mode != "bridge":
-            return
+            return None
         if alloc.ports:
             await _step(errors, self._firewall.remove_alloc(alloc))
         index = await _step(errors, links.detach_link(alloc.host_veth))
         await _step(errors, links.delete_namespace(alloc_id))
-        if isinstance(index, int):
-            self._reaper.schedule(alloc.host_veth, index)
+        return index if isinstance(index, int) else None
+
+    def _reap(self, alloc: AllocNetwork | None, detached: int | None) -> None:
+        """Hand the veth `_dismantle` detached to the reaper."""
+        if alloc is not None and detached is not None:
+            self._reaper.schedule(alloc.host_veth, detached)
 
     # -- reconcile --------------------------------------------------------------------
 
@@ -484,8 +505,12 @@ class NetworkManager:
 
     async def _roll_back(self, record: AllocRecord, report: _Report) -> None:
         errors: Errors = []
-        await self._dismantle(record.alloc_id, self._network_of(record.alloc_id, record), errors)
-        await _step(errors, asyncio.to_thread(self._state.release, record.alloc_id))
+        alloc = self._network_of(record.alloc_id, record)
+        detached = await self._dismantle(record.alloc_id, alloc, errors)
+        try:
+            await _step(errors, asyncio.to_thread(self._state.release, record.alloc_id))
+        finally:
+            self._reap(alloc, detached)
         if errors:
             report.failed.append((record.alloc_id, str(TeardownError(record.alloc_id, errors))))
         else:
@@ -584,6 +609,7 @@ class NetworkManager:
         self, claimed: set[str], bridged: Sequence[AllocNetwork], report: _Report
     ) -> None:
         """Owned veths no allocation claims (with their namespaces), unclaimed forwards."""
+        await self._reaper.wait_all()  # a detached veth on its way out is no orphan
         mine = {a.host_veth for a in bridged}
         namespaces: dict[str, str] = {}
         for name in self._links.namespaces():

@@ -1,23 +1,33 @@
 """netsetup.firewall against the real nft, inside a throwaway host namespace per test.
 
-The Firewall drives `ip netns exec <ns> nft`, so its table lives in that namespace
-only; the fixture deletes the namespace (and with it every nft object) afterwards.
+Every test runs with both ways of running nft (the `host_ns` fixture's parameter):
+"lib", the in-process libnftables context (the default), built by a thread that
+entered the namespace, so its netlink socket and its thread live there; and "nft",
+the binary through `ip netns exec <ns> nft`.  Either way the table lives in that
+namespace only; the fixture closes the contexts and deletes the namespace (and with
+it every nft object) afterwards.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
 import itertools
+import os
 import statistics
+import subprocess
+import sys
+import threading
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 
 from netsetup.errors import InvalidName, KernelError, NotRoot, SpecError, ToolMissing
-from netsetup.firewall import Firewall, plan_elements, render_base
+from netsetup.firewall import Firewall, NftLibrary, plan_elements, render_add, render_base
 from netsetup.spec import AllocNetwork, NetConfig, PortMapping
 from tests.netns.access_topo import (
     HOST_IP,
@@ -35,6 +45,12 @@ pytestmark = [pytest.mark.root, pytest.mark.skipif(not is_root(), reason=SKIP_RE
 
 _TAGS = itertools.count()
 OTHER_HOST_IP = "203.0.113.7"  # a second host address (a `host_network`)
+ROOT = Path(__file__).resolve().parents[2]
+_CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+T = TypeVar("T")
+# namespace -> (how nft runs there, the in-process firewalls to close)
+_RUNNERS: dict[str, tuple[str, list[Firewall]]] = {}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -43,17 +59,67 @@ def _no_namespace_left() -> Iterator[None]:
     assert sweep() == [], "namespaces of this run were left behind"
 
 
-@pytest.fixture
-def host_ns() -> Iterator[str]:
+@pytest.fixture(params=["lib", "nft"])
+def host_ns(request: pytest.FixtureRequest) -> Iterator[str]:
     spaces = Namespaces(f"f{next(_TAGS)}")
+    made: list[Firewall] = []
     try:
-        yield spaces.add("h")
+        ns = spaces.add("h")
+        _RUNNERS[ns] = (request.param, made)
+        yield ns
     finally:
+        for fw in made:
+            fw.close()
         spaces.close()
 
 
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, _CLONE_NEWNET) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"setns: {os.strerror(code)}")
+
+
+def in_namespace(ns: str, make: Callable[[], T]) -> T:
+    """`make()` called by a thread that entered namespace `ns` (the threads and sockets it
+    starts stay there); the thread comes back or dies."""
+    made: list[T] = []
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        original = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        try:
+            target = os.open(f"/var/run/netns/{ns}", os.O_RDONLY)
+            try:
+                _setns(target)
+            finally:
+                os.close(target)
+            try:
+                made.append(make())
+            finally:
+                _setns(original)
+        except BaseException as exc:
+            failed.append(exc)
+        finally:
+            os.close(original)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(timeout=10)
+    if failed:
+        raise failed[0]
+    if not made:
+        raise TimeoutError(f"{ns}: the thread did not finish")
+    return made[0]
+
+
 def firewall(ns: str, config: NetConfig | None = None) -> Firewall:
-    return Firewall(config or NetConfig(), nft_command=nft_in(ns))
+    """A Firewall for the table in `ns`, run the way the test's parameter says."""
+    how, made = _RUNNERS[ns]
+    if how == "nft":
+        return Firewall(config or NetConfig(), nft_command=nft_in(ns))
+    fw = in_namespace(ns, lambda: Firewall(config or NetConfig()))
+    made.append(fw)
+    return fw
 
 
 def alloc(
@@ -354,17 +420,60 @@ async def test_names_that_cannot_go_into_a_script(host_ns: str) -> None:
         plan_elements(alloc("v6", "172.26.64.2", ("2001:db8::1", 20000, 80)))
 
 
-async def test_nft_missing_is_tool_missing(host_ns: str) -> None:
+async def test_nft_missing_is_tool_missing() -> None:
     fw = Firewall(NetConfig(), nft_command=("/nonexistent/nft",))
     with pytest.raises(ToolMissing):
         await fw.ensure_base()
 
 
-async def test_not_root_is_notroot(host_ns: str) -> None:
-    nobody = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "nft")
-    fw = Firewall(NetConfig(), nft_command=("ip", "netns", "exec", host_ns, *nobody))
-    with pytest.raises(NotRoot):
-        await fw.ensure_base()
+# Run by a process without capabilities: the in-process context gets EPERM.
+_WITHOUT_CAPS = """
+import asyncio
+from netsetup.errors import NotRoot
+from netsetup.firewall import Firewall, NftLibrary
+from netsetup.spec import NetConfig
+fw = Firewall(NetConfig())
+assert isinstance(fw._runner, NftLibrary)
+try:
+    asyncio.run(fw.ensure_base())
+except NotRoot as exc:
+    print("NotRoot:", exc)
+"""
+
+
+def test_not_root_is_notroot(host_ns: str) -> None:
+    if _RUNNERS[host_ns][0] == "nft":
+        nobody = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "nft")
+        fw = Firewall(NetConfig(), nft_command=("ip", "netns", "exec", host_ns, *nobody))
+        with pytest.raises(NotRoot):
+            asyncio.run(fw.ensure_base())
+        return
+    # uid 0 without capabilities (nobody cannot run the interpreter under /root)
+    argv = ["ip", "netns", "exec", host_ns, "setpriv", "--bounding-set=-all", "--inh-caps=-all"]
+    done = subprocess.run(
+        [*argv, sys.executable, "-c", _WITHOUT_CAPS],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("NotRoot: ") and "nft ensure base" in done.stdout
+
+
+@pytest.mark.parametrize("host_ns", ["lib"], indirect=True)
+async def test_the_in_process_context_acts_in_its_namespace_only(host_ns: str) -> None:
+    ours = sh("nft", "list", "tables").stdout  # the machine's own namespace: read only
+    fw = firewall(host_ns)
+    assert isinstance(fw._runner, NftLibrary)
+    await fw.ensure_base()
+    await fw.add_alloc(alloc("a1", "172.26.64.2", (HOST_IP, 20000, 8080)))
+    assert len(elements(host_ns)) == 4
+    assert sh("nft", "list", "tables").stdout == ours
+    fw.close()
+    with pytest.raises(KernelError, match="closed"):
+        await fw.add_alloc(alloc("a2", "172.26.64.3", (HOST_IP, 20001, 8080)))
 
 
 # --- a foreign FORWARD policy DROP ------------------------------------------------------
@@ -423,30 +532,53 @@ def test_render_base_is_one_transaction_without_elements() -> None:
 
 # --- cost per allocation ----------------------------------------------------------------
 
-ALLOCS = 1000
+HELD = (10, 1000)  # allocations in the map while an allocation is added and removed
+SAMPLES = 60  # timed add/remove pairs at each size, the two sizes taking turns
 
 
-async def test_element_adds_stay_flat(host_ns: str) -> None:
-    fw = firewall(host_ns)
-    await fw.ensure_base()
+def held(table: str, count: int) -> str:
+    """A script adding `count` allocations' elements to `table` (one transaction)."""
     allocs = [
-        alloc(f"t{i}", f"172.26.{64 + i // 250}.{i % 250 + 2}", (HOST_IP, 20000 + i, 8080))
-        for i in range(ALLOCS)
+        alloc(f"h{i}", f"172.26.{64 + i // 250}.{i % 250 + 2}", (HOST_IP, 20000 + i, 8080))
+        for i in range(count)
     ]
-    adds: list[float] = []
-    for a in allocs:
-        start = time.perf_counter()
-        await fw.add_alloc(a)
-        adds.append(time.perf_counter() - start)
-    assert len(elements(host_ns)) == 4 * ALLOCS
-    removes: list[float] = []
-    for a in allocs:
-        start = time.perf_counter()
-        await fw.remove_alloc(a)
-        removes.append(time.perf_counter() - start)
-    assert elements(host_ns) == set()
+    return render_add(table, [e for a in allocs for e in plan_elements(a)])
+
+
+def count_elements(ns: str, table: str) -> int:
+    doc = nft_json(ns, "list", "map", "inet", table, "ports")
+    return sum(len(item.get("map", {}).get("elem", [])) for item in doc["nftables"])
+
+
+async def test_element_changes_stay_flat(host_ns: str) -> None:
+    """Adding and removing an allocation costs the same with 10 or 1000 held.
+
+    The held elements go in with one script per table (not timed); two tables in the
+    namespace hold 10 and 1000, and the timed changes alternate between them, so a
+    change in the machine's load hits both sizes alike.
+    """
+    tables = {size: f"wpflat{size}" for size in HELD}
+    walls = {size: firewall(host_ns, NetConfig(nft_table=t)) for size, t in tables.items()}
+    for size, fw in walls.items():
+        await fw.ensure_base()
+        sh(*nft_in(host_ns), "-f", "-", stdin=held(tables[size], size))
+    adds: dict[int, list[float]] = {size: [] for size in HELD}
+    removes: dict[int, list[float]] = {size: [] for size in HELD}
+    for i in range(SAMPLES):
+        for size, fw in walls.items():
+            one = alloc(f"t{i}", f"172.26.79.{i + 2}", (HOST_IP, 31000 + i, 8080))
+            start = time.perf_counter()
+            await fw.add_alloc(one)
+            adds[size].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            await fw.remove_alloc(one)
+            removes[size].append(time.perf_counter() - start)
+    for size in HELD:
+        assert count_elements(host_ns, tables[size]) == 4 * size
+    small, large = HELD
     for name, series in (("add", adds), ("remove", removes)):
-        early = statistics.median(series[10:110])
-        late = statistics.median(series[-100:])
-        print(f"{name}: median {early * 1000:.2f} ms (10-110) vs {late * 1000:.2f} ms (last 100)")
+        early, late = statistics.median(series[small]), statistics.median(series[large])
+        print(
+            f"{name}: median {early * 1000:.2f} ms ({small} held), {late * 1000:.2f} ms ({large})"
+        )
         assert late < 2.0 * early, f"{name} cost grows: {early:.4f}s -> {late:.4f}s"

@@ -358,6 +358,7 @@ def test_twenty_concurrent_setups_and_teardowns_never_collide(
     ports = {r["ports"][0]["host_port"] for r in results}
     assert len(ips) == 20 and len(ports) == 20
     assert namespaces(topology.prefix + "-c") == sorted(allocs)
+    assert driver.call("settle") == []  # the torn-down veths are deleted in the background
     assert owned_links(topology.host) == sorted(veth_name("wp", a) for a in allocs)
     assert len(nft_elements(topology.host)) == 20 * 4
     assert_forwarding(topology, results[7])
