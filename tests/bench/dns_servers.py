@@ -53,7 +53,7 @@ class ServerError(RuntimeError):
 
 @dataclass
 class Server:
-    """A running server: `name`, UDP/TCP `port` on 127.0.0.1, its `pid`; close() ends it."""
+    """A running server: `name`, its `port` on 127.0.0.1, its `pid`; close() ends it."""
 
     name: str
     port: int
@@ -61,6 +61,8 @@ class Server:
     workdir: Path
     command: Sequence[str]
     log_path: Path
+    data_dir: Path | None = None
+    keep_workdir: bool = False  # a restart in progress: the next process needs the dir
     closed: bool = field(default=False)
 
     @property
@@ -76,22 +78,42 @@ class Server:
         except OSError:
             return ""
 
+    def pids(self) -> list[int]:
+        """The server's pid and its children's (nginx's worker)."""
+        found = [self.pid]
+        with contextlib.suppress(OSError):
+            children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text()
+            found += [int(p) for p in children.split()]
+        return found
+
     def cpu_seconds(self) -> float:
-        """User + system CPU time of the server process so far (/proc/<pid>/stat)."""
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        # fields[11], fields[12] are utime and stime (stat(5) fields 14 and 15).
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """User + system CPU time of the server's processes so far (/proc/<pid>/stat)."""
+        total = 0.0
+        for pid in self.pids():
+            with contextlib.suppress(OSError):
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                # fields[11], fields[12] are utime and stime (stat(5) fields 14 and 15).
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
 
     def rss_kib(self) -> int:
-        """VmRSS of the server process in KiB (/proc/<pid>/status)."""
+        """VmRSS of the server's main process in KiB (/proc/<pid>/status)."""
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
         raise ServerError(self.name, self.command, "no VmRSS in /proc status", "")
 
     def set_realtime(self, on: bool) -> None:
-        """Every thread of the server to SCHED_FIFO (REALTIME_PRIORITY), or back to SCHED_OTHER."""
-        set_realtime(self.pid, on)
+        """Every thread of the server's processes SCHED_FIFO (on) or back to SCHED_OTHER."""
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError, FileNotFoundError):
+                set_realtime(pid, on)
+
+    def kill(self) -> None:
+        """SIGKILL by pid (the crash of the durability check), wait for it; keeps the temp dir."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(STOP_TIMEOUT)
 
     def close(self) -> None:
         """End the process by pid (SIGTERM, then SIGKILL) and remove the temp dir."""
@@ -107,7 +129,8 @@ class Server:
                     self.proc.kill()
                     self.proc.wait(STOP_TIMEOUT)
         finally:
-            shutil.rmtree(self.workdir, ignore_errors=True)
+            if not self.keep_workdir:
+                shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def set_realtime(pid: int, on: bool) -> None:

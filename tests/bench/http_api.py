@@ -41,7 +41,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from tests.bench.dns_servers import set_realtime
+from tests.bench.dns_servers import Server, set_realtime
 from tests.bench.http_profile import (
     FAST_SAMPLE_RATE,
     SAMPLE_RATE,
@@ -71,7 +71,6 @@ from tests.bench.http_servers import (
     CLIENT_CORE,
     REPO,
     WEB,
-    Server,
     http_get,
     http_put,
     restart_agent,

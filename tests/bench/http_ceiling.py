@@ -39,12 +39,12 @@ from typing import cast
 
 import uvloop
 
+from tests.bench.dns_servers import Server
 from tests.bench.http_report import PEAK_CONNECTIONS
 from tests.bench.http_servers import (
     CLIENT_CORE,
     HOST,
     SERVER_CORE,
-    Server,
     from_log,
     http_get,
     spawn,

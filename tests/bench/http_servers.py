@@ -21,31 +21,26 @@ process and temp dir are cleaned up before raising.
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
-import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from tests.bench.dns_servers import set_realtime
+from tests.bench.dns_servers import Server, ServerError
 
 REPO = Path(__file__).resolve().parents[2]  # `python -m tests.bench...` needs it as cwd
 SERVER_CORE = 0
 CLIENT_CORE = 1
-STOP_TIMEOUT = 5.0  # seconds between SIGTERM and SIGKILL
 RESTART_ATTEMPTS = 3  # starts of the agent on a crashed one's data dir
 PROBE_TIMEOUT = 1.0  # one readiness request
-LOG_TAIL = 2000  # characters of a failed server's log shown in the error
 LISTEN_LINE = re.compile(r"waypost: http listening on 127\.0\.0\.1:(\d+)")
 HOST = "127.0.0.1"
 
@@ -60,96 +55,6 @@ INSTANCES_PER_OTHER = 3
 # nginx-light's worker_connections must cover the load generator's connections.
 NGINX_CONNECTIONS = 4096
 NGINX_KEEPALIVE_REQUESTS = 1_000_000  # nginx's default (1000) would reconnect wrk every 1000
-
-
-class ServerError(RuntimeError):
-    """A benchmark server could not be started."""
-
-    def __init__(self, name: str, command: Sequence[str], message: str, log: str) -> None:
-        super().__init__(f"{name}: {message}\ncommand: {' '.join(command)}\nlog tail:\n{log}")
-        self.name = name
-
-
-@dataclass
-class Server:
-    """A running server: `name`, HTTP `port` on 127.0.0.1, its `pid`; close() ends it."""
-
-    name: str
-    port: int
-    proc: subprocess.Popen[bytes]
-    workdir: Path
-    command: Sequence[str]
-    log_path: Path
-    data_dir: Path | None = None
-    keep_workdir: bool = False  # a restart in progress: the next process needs the dir
-    closed: bool = field(default=False)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def log_tail(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-LOG_TAIL:]
-        except OSError:
-            return ""
-
-    def pids(self) -> list[int]:
-        """The server's pid and its children's (nginx's worker)."""
-        found = [self.pid]
-        with contextlib.suppress(OSError):
-            children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text()
-            found += [int(p) for p in children.split()]
-        return found
-
-    def cpu_seconds(self) -> float:
-        """User + system CPU time of the server's processes so far (/proc/<pid>/stat)."""
-        total = 0.0
-        for pid in self.pids():
-            with contextlib.suppress(OSError):
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                # fields[11], fields[12] are utime and stime (stat(5) fields 14 and 15).
-                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        return total
-
-    def rss_kib(self) -> int:
-        """VmRSS of the server's main process in KiB (/proc/<pid>/status)."""
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        raise ServerError(self.name, self.command, "no VmRSS in /proc status", "")
-
-    def set_realtime(self, on: bool) -> None:
-        """Every thread of the server's processes SCHED_FIFO (on) or back to SCHED_OTHER."""
-        for pid in self.pids():
-            with contextlib.suppress(ProcessLookupError, FileNotFoundError):
-                set_realtime(pid, on)
-
-    def kill(self) -> None:
-        """SIGKILL by pid (the crash of the durability check), wait for it; keeps the temp dir."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(STOP_TIMEOUT)
-
-    def close(self) -> None:
-        """End the process by pid (SIGTERM, then SIGKILL) and remove the temp dir."""
-        if self.closed:
-            return
-        self.closed = True
-        try:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
-                try:
-                    self.proc.wait(STOP_TIMEOUT)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(STOP_TIMEOUT)
-        finally:
-            if not self.keep_workdir:
-                shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 # -- plain HTTP on loopback ---------------------------------------------------------------
