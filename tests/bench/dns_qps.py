@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -120,20 +120,6 @@ def _starter(kind: str, inproc: bool) -> Callable[[Sequence[dns_data.BenchInstan
     return lambda instances: start_waypost(instances, inproc=inproc)
 
 
-@contextlib.contextmanager
-def _realtime(server: Server, on: bool) -> Iterator[None]:
-    """The server's threads SCHED_FIFO for the block (when `on`), then back to normal."""
-    if not on:
-        yield
-        return
-    server.set_realtime(True)
-    try:
-        yield
-    finally:
-        if server.alive():
-            server.set_realtime(False)
-
-
 def run_round(server: Server, queryfile: str, duration: float, realtime: str) -> Round:
     """Warm up, then the full-speed run (with the server's CPU use) and the paced run.
 
@@ -142,14 +128,14 @@ def run_round(server: Server, queryfile: str, duration: float, realtime: str) ->
     """
     run_dnsperf(server.port, queryfile, duration=WARMUP)
     peak_rt = realtime == "all"
-    with _realtime(server, peak_rt):
+    with server.realtime(peak_rt):
         cpu_before, wall_before = server.cpu_seconds(), time.monotonic()
         peak = run_dnsperf(server.port, queryfile, duration=duration, realtime=peak_rt)
         cpu_share = (server.cpu_seconds() - cpu_before) / (time.monotonic() - wall_before)
     # A server that cannot sustain the paced rate would sit at 100% CPU in SCHED_FIFO and
     # starve the rest of the host; its latency is queueing anyway, so it runs normally.
     paced_rt = realtime != "off" and peak.qps >= REALTIME_MIN_HEADROOM * PACED_RATE
-    with _realtime(server, paced_rt):
+    with server.realtime(paced_rt):
         paced = run_dnsperf(
             server.port,
             queryfile,

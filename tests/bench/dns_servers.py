@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,6 +102,19 @@ class Server:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
         raise ServerError(self.name, self.command, "no VmRSS in /proc status", "")
+
+    @contextlib.contextmanager
+    def realtime(self, on: bool = True) -> Iterator[None]:
+        """The server's threads SCHED_FIFO for the block (when `on`), then back to normal."""
+        if not on:
+            yield
+            return
+        self.set_realtime(True)
+        try:
+            yield
+        finally:
+            if self.alive():
+                self.set_realtime(False)
 
     def set_realtime(self, on: bool) -> None:
         """Every thread of the server's processes SCHED_FIFO (on) or back to SCHED_OTHER."""

@@ -38,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from tests.bench.dns_servers import Server, set_realtime
@@ -144,20 +144,6 @@ def _progress(text: str) -> None:
     print(f"  {text} ...", file=sys.stderr, flush=True)
 
 
-@contextlib.contextmanager
-def _realtime(server: Server, on: bool) -> Iterator[None]:
-    """The server's threads SCHED_FIFO for the block (when `on`), then back to normal."""
-    if not on:
-        yield
-        return
-    server.set_realtime(True)
-    try:
-        yield
-    finally:
-        if server.alive():
-            server.set_realtime(False)
-
-
 # -- 1. lookup --------------------------------------------------------------------------------
 
 
@@ -168,7 +154,7 @@ def lookup_round(server: Server, duration: float, realtime: str) -> Round:
     """
     run_wrk(server.port, LOOKUP_PATH, duration=WARMUP, connections=PEAK_CONNECTIONS)
     peak_rt = realtime == "all"
-    with _realtime(server, peak_rt):
+    with server.realtime(peak_rt):
         cpu_before, wall_before = server.cpu_seconds(), time.monotonic()
         peak = run_wrk(
             server.port,
@@ -182,7 +168,7 @@ def lookup_round(server: Server, duration: float, realtime: str) -> Round:
     # starve the host; its latency is queueing anyway, so it runs normally.
     headroom = peak.ok_rate >= REALTIME_MIN_HEADROOM * PACED_RATE
     paced_rt = peak_rt or (realtime == "paced" and headroom)
-    with _realtime(server, paced_rt):
+    with server.realtime(paced_rt):
         paced = run_wrk(
             server.port,
             LOOKUP_PATH,
@@ -383,7 +369,7 @@ def register_round(
         before = commits(agent)
         spy = start_py_spy(agent.pid, duration, profile) if profile is not None else None
         try:
-            with _realtime(agent, realtime):
+            with agent.realtime(realtime):
                 cpu_before, wall_before = agent.cpu_seconds(), time.monotonic()
                 run = run_wrk(
                     agent.port,

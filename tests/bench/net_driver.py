@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import functools
 import json
 import os
@@ -62,8 +61,8 @@ from netsetup.links import Links, start_links
 from netsetup.network import NetworkManager, start_network_manager
 from netsetup.spec import NetConfig, NetworkSpec, PortSpec
 from netsetup.state import NetState, open_state
+from tests.netns.driver import emit, join_namespace
 
-_CLONE_NEWNET = 0x40000000
 CNI_PATH = "/usr/lib/cni"
 CNI_VERSION = "0.4.0"  # Nomad's conflist
 CNI_TIMEOUT = 60.0  # seconds per plugin call; they answer in milliseconds
@@ -366,22 +365,6 @@ class WaypostSide:
 # --- the process ---------------------------------------------------------------------------
 
 
-def _join_namespace(path: str) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if libc.setns(fd, _CLONE_NEWNET) != 0:
-            code = ctypes.get_errno()
-            raise OSError(code, f"setns {path}: {os.strerror(code)}")
-    finally:
-        os.close(fd)
-
-
-def _emit(message: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(message) + "\n")
-    sys.stdout.flush()
-
-
 async def _serve(handlers: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]]) -> None:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
@@ -391,9 +374,9 @@ async def _serve(handlers: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]]
         try:
             result = await handlers[request["op"]](request)
         except Exception as exc:  # answered, the orchestrator decides
-            _emit({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+            emit({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
         else:
-            _emit({"ok": True, "result": result})
+            emit({"ok": True, "result": result})
 
 
 async def run_waypost(args: argparse.Namespace) -> None:
@@ -409,7 +392,7 @@ async def run_waypost(args: argparse.Namespace) -> None:
     )
     side = WaypostSide(manager, args.prefix, times)
     try:
-        _emit({"ready": {"side": "waypost", "host_ip": manager.host_ip, "pid": os.getpid()}})
+        emit({"ready": {"side": "waypost", "host_ip": manager.host_ip, "pid": os.getpid()}})
         await _serve(
             {
                 "fill": lambda r: side.fill(int(r["n"])),
@@ -430,7 +413,7 @@ async def run_cni(args: argparse.Namespace) -> None:
         conflist = nomad_conflist(args.bridge, CNI_SUBNET, str(work / "cni-ipam"))
         chain = CniChain(conflist, work / "cni-cache", args.wrap.split() if args.wrap else [])
         side = CniSide(links, chain, args.prefix, args.host_ip)
-        _emit({"ready": {"side": "cni", "host_ip": args.host_ip, "pid": os.getpid()}})
+        emit({"ready": {"side": "cni", "host_ip": args.host_ip, "pid": os.getpid()}})
         await _serve(
             {
                 "fill": lambda r: side.fill(int(r["n"])),
@@ -452,7 +435,7 @@ def main() -> None:
     parser.add_argument("--host-ip", default="", help="the host address (CNI's port hostIP)")
     parser.add_argument("--wrap", default="", help="command prefixed to each plugin call")
     args = parser.parse_args()
-    _join_namespace(args.netns)
+    join_namespace(args.netns)
     asyncio.run(run_waypost(args) if args.side == "waypost" else run_cni(args))
 
 

@@ -250,7 +250,8 @@ class Session:
         raise ValueError(f"unknown op {op!r}")
 
 
-def _join_namespace(path: str) -> None:
+def join_namespace(path: str) -> None:
+    """Move this process (its only thread) into the network namespace at `path`."""
     libc = ctypes.CDLL(None, use_errno=True)
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -261,7 +262,8 @@ def _join_namespace(path: str) -> None:
         os.close(fd)
 
 
-def _emit(message: dict[str, Any]) -> None:
+def emit(message: dict[str, Any]) -> None:
+    """One JSON line on stdout, flushed (the driver protocol)."""
     sys.stdout.write(json.dumps(message) + "\n")
     sys.stdout.flush()
 
@@ -271,14 +273,14 @@ async def _answer(session: Session, request: dict[str, Any]) -> None:
     try:
         result = await session.run(str(request.get("op")), request)
     except (NetsetupError, KeyError, ValueError, TypeError, OSError) as exc:
-        _emit({"id": ident, "ok": False, "error": _error(exc)})
+        emit({"id": ident, "ok": False, "error": _error(exc)})
     else:
-        _emit({"id": ident, "ok": True, "result": result})
+        emit({"id": ident, "ok": True, "result": result})
 
 
 async def serve(config: NetConfig) -> None:
     loop = asyncio.get_running_loop()
-    faults = Faults(_emit)
+    faults = Faults(emit)
     state = open_state(config.data_dir)
     firewall = FaultyFirewall(Firewall(config), config, faults)
     links = FaultyLinks(await start_links(config), faults)
@@ -286,7 +288,7 @@ async def serve(config: NetConfig) -> None:
         config, FaultyState(state, faults, loop), firewall, links=links
     )
     try:
-        _emit({"event": "ready", "host_ip": manager.host_ip, "pid": os.getpid()})
+        emit({"event": "ready", "host_ip": manager.host_ip, "pid": os.getpid()})
         reader = asyncio.StreamReader()
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
         tasks: set[asyncio.Task[None]] = set()
@@ -308,7 +310,7 @@ def main() -> None:
     parser.add_argument("--config", help="NetConfig fields as a JSON object")
     parser.add_argument("--cli", nargs=argparse.REMAINDER, help="run `waypost net` instead")
     args = parser.parse_args()
-    _join_namespace(args.netns)
+    join_namespace(args.netns)
     if args.cli is not None:
         sys.exit(cli.main(args.cli))
     asyncio.run(serve(parse_config(json.loads(args.config))))
