@@ -163,7 +163,7 @@ async def _start_http(
     stats = HttpStats()
     sources = MetricsSources(
         registry,
-        dns_counts=responder.counts,
+        dns_counts=lambda: responder.counts,
         http_counts=stats.requests,
         waiters=lambda: stats.blocked,
         store=store,

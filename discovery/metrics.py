@@ -122,7 +122,8 @@ class MetricsSources:
     """Where the numbers live; any part the agent does not run is None."""
 
     registry: Registry
-    dns_counts: Mapping[tuple[int, int], int] | None = None  # Responder.counts
+    # lambda: responder.counts
+    dns_counts: Callable[[], Mapping[tuple[int, int], int]] | None = None
     # HttpStats.requests: (method, route pattern, status) -> n
     http_counts: Mapping[tuple[str, str, int], int] | None = None
     waiters: Callable[[], int] | None = None  # lambda: waiters.count
@@ -140,7 +141,7 @@ class AgentCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         src = self.sources
         if src.dns_counts is not None:
-            yield _dns(src.dns_counts)
+            yield _dns(src.dns_counts())
         if src.http_counts is not None:
             yield _http(src.http_counts)
         yield from _registry(src.registry)

@@ -65,6 +65,55 @@ def render(
         opt = wire.encode_opt(settings.edns_max_payload, 0, edns.dnssec_ok)
     limit, max_answers = size_limits(query, settings, tcp)
     body = pick_body(prepared, wire.HEADER_SIZE + len(question), limit - len(opt), max_answers)
+    return _assemble(data, query, prepared, settings, recursion, question, body, opt)
+
+
+def render_variants(
+    data: bytes, query: wire.Query, prepared: Prepared, settings: DnsSettings
+) -> list[bytes] | None:
+    """Every UDP reply without recursion `data` can get: one per answer order.
+
+    A uniform pick among them is what render() gives.  None when the answers
+    are weighted or have more than MAX_VARIANTS orders, or the EDNS version is
+    not 0: those are rendered per query.  Nothing is memoized on `prepared`:
+    the caller keeps the replies.
+    """
+    orders = all_orders(prepared)
+    edns = query.edns
+    if orders is None or (edns is not None and edns.version > 0):
+        return None
+    question = data[wire.HEADER_SIZE : query.name_end + 4]
+    opt = b""
+    if edns is not None:
+        opt = wire.encode_opt(settings.edns_max_payload, 0, edns.dnssec_ok)
+    limit, max_answers = size_limits(query, settings, False)
+    start, budget = wire.HEADER_SIZE + len(question), limit - len(opt)
+    return [
+        _assemble(
+            data,
+            query,
+            prepared,
+            settings,
+            False,
+            question,
+            render_body(prepared, nth_order(prepared, number), start, budget, max_answers),
+            opt,
+        )
+        for number in orders
+    ]
+
+
+def _assemble(
+    data: bytes,
+    query: wire.Query,
+    prepared: Prepared,
+    settings: DnsSettings,
+    recursion: bool,
+    question: bytes,
+    body: Body,
+    opt: bytes,
+) -> bytes:
+    """Header (flags and counts for `body`), question, body and OPT joined into a reply."""
     flags = wire.FLAG_QR | (query.flags & wire.FLAG_RD) | prepared.rcode
     if prepared.authoritative:
         flags |= wire.FLAG_AA

@@ -8,6 +8,13 @@ header and question, does one dict lookup, and :func:`discovery.dns.render.rende
 joins pre-encoded records in a random order.  The server adapters in
 :mod:`discovery.dns.server` only frame bytes.
 
+Replies to UDP queries of the common shape (a lower-case question, no EDNS
+or an OPT without options, no recursion configured) are also kept whole, one
+per answer order, keyed by the query's bytes after its ID.  A later query
+with the same bytes was validated when its twin was answered, so it is
+answered with its ID and one of those replies: a dict lookup and a join,
+no parsing.  Both caches are dropped together when the registry changes.
+
 Error handling: respond() never raises; an internal error is logged and
 answered with SERVFAIL.
 """
@@ -15,13 +22,14 @@ answered with SERVFAIL.
 from __future__ import annotations
 
 import logging
+import random
 import time
 from dataclasses import dataclass
 
 from discovery.dns import wire
 from discovery.dns.codec import parse_unusual_query
 from discovery.dns.records import DEP_ALWAYS, Prepared, ZoneInfo, prepare
-from discovery.dns.render import render, render_error
+from discovery.dns.render import render, render_error, render_variants
 from discovery.dns.settings import DnsSettings
 from discovery.registry import Registry, Snapshot
 
@@ -32,6 +40,7 @@ MAX_CACHED = 100_000
 FORWARDED = -1  # pseudo-rcode counting queries handed to the recursors
 LOG_INTERVAL = 60.0  # seconds between two logs of the same internal error type
 MAX_CLIENTS_REMEMBERED = 4096  # recursion allow-list verdicts kept per settings
+_RANDOM = random.random
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,15 +62,32 @@ class Responder:
         self.settings = settings
         self._info = ZoneInfo.from_settings(settings)
         self._cache: dict[bytes, Prepared] = {}
+        # Whole replies by query bytes after the ID: (tally index, reply[2:], ...).
+        self._replies: dict[bytes, tuple[int | bytes, ...]] = {}
+        # Keys of both caches by dependency (a service key, DEP_ALWAYS or DEP_NODES).
         self._deps: dict[str | None, list[bytes]] = {}
         self._nodes = registry.snapshot.nodes
         self._allocs = registry.snapshot.allocs
         self._recurse: dict[str, bool] = {}
         self._logged: dict[str, float] = {}
-        # Queries answered, by (qtype, rcode or FORWARDED); read by the metrics endpoint.
-        # Malformed messages count under qtype 0 (FORMERR, NOTIMP).
-        self.counts: dict[tuple[int, int], int] = {}
+        # Queries answered, by (qtype, rcode or FORWARDED) (see `counts`): the ones
+        # answered from _replies count in _hits, at the index their entry names.
+        self._counts: dict[tuple[int, int], int] = {}
+        self._tallies: dict[tuple[int, int], int] = {}  # tally -> its index in _hits
+        self._hits: list[int] = []
         registry.subscribe(self._changed)
+
+    @property
+    def counts(self) -> dict[tuple[int, int], int]:
+        """Queries answered by (qtype, rcode or FORWARDED), for the metrics endpoint.
+
+        Malformed messages count under qtype 0 (FORMERR, NOTIMP).
+        """
+        out = dict(self._counts)
+        for tally, hits in zip(self._tallies, self._hits, strict=True):  # insertion order
+            if hits:
+                out[tally] = out.get(tally, 0) + hits
+        return out
 
     def update_settings(self, settings: DnsSettings) -> None:
         """Swap settings (SIGHUP); queries in flight finish with the old ones."""
@@ -79,6 +105,10 @@ class Responder:
         """
         if type(data) is not bytes:  # memoryview/bytearray from a caller: keys must hash
             data = bytes(data)
+        if not tcp:
+            entry = self._replies.get(data[2:])
+            if entry is not None:
+                return self._pick(data, entry)
         try:
             query = wire.parse_query(data)
             if query is None:
@@ -96,9 +126,16 @@ class Responder:
             self._log_internal(err)
             return self.servfail(data)
 
+    def _pick(self, data: bytes, entry: tuple[int | bytes, ...]) -> bytes:
+        """`data`'s ID and a uniformly picked reply of `entry`, counted."""
+        self._hits[entry[0]] += 1  # type: ignore[index]
+        size = len(entry)
+        reply = entry[1 if size == 2 else 1 + int(_RANDOM() * (size - 1))]
+        return data[:2] + reply  # type: ignore[operator]
+
     def _error(self, data: bytes, err: wire.QueryError) -> bytes | None:
         tally = (0, err.rcode)
-        self.counts[tally] = self.counts.get(tally, 0) + 1
+        self._counts[tally] = self._counts.get(tally, 0) + 1
         return render_error(data, err.rcode, err.question)
 
     def servfail(self, data: bytes) -> bytes | None:
@@ -127,12 +164,41 @@ class Responder:
             prepared = self._prepare(data, query, key)
         settings = self.settings
         recursion = bool(settings.recursors) and self._may_recurse(client)
-        counts = self.counts
-        tally = (query.qtype, FORWARDED if prepared.outside and recursion else prepared.rcode)
-        counts[tally] = counts.get(tally, 0) + 1
         if prepared.outside and recursion:
+            self._count(query.qtype, FORWARDED)
             return ForwardQuery(data)
+        if not tcp and not settings.recursors and _plain(data, query, key):
+            entry = self._keep_replies(data, query, prepared)
+            if entry is not None:
+                return self._pick(data, entry)
+        self._count(query.qtype, prepared.rcode)
         return render(data, query, prepared, settings, tcp=tcp, recursion=recursion)
+
+    def _count(self, qtype: int, rcode: int) -> None:
+        counts, tally = self._counts, (qtype, rcode)
+        counts[tally] = counts.get(tally, 0) + 1
+
+    def _keep_replies(
+        self, data: bytes, query: wire.Query, prepared: Prepared
+    ) -> tuple[int | bytes, ...] | None:
+        """Render and keep every reply to `data` (a query of the plain shape), or None."""
+        variants = render_variants(data, query, prepared, self.settings)
+        if variants is None:
+            return None
+        if len(self._replies) >= MAX_CACHED:
+            self._clear()
+        replies = tuple(v[2:] for v in variants)
+        entry: tuple[int | bytes, ...] = (self._tally_index(query.qtype, prepared.rcode), *replies)
+        key = data[2:]
+        self._replies[key] = entry
+        self._deps.setdefault(prepared.dep, []).append(key)
+        return entry
+
+    def _tally_index(self, qtype: int, rcode: int) -> int:
+        index = self._tallies.setdefault((qtype, rcode), len(self._hits))
+        if index == len(self._hits):
+            self._hits.append(0)
+        return index
 
     def _prepare(self, data: bytes, query: wire.Query, key: bytes) -> Prepared:
         labels = [
@@ -167,11 +233,22 @@ class Responder:
             self._nodes, self._allocs = snap.nodes, snap.allocs
             self._clear()
             return
-        cache, deps = self._cache, self._deps
+        cache, replies, deps = self._cache, self._replies, self._deps
         for dep in (DEP_ALWAYS, *keys):
             for key in deps.pop(dep, ()):
                 cache.pop(key, None)
+                replies.pop(key, None)
 
     def _clear(self) -> None:
         self._cache = {}
+        self._replies = {}
         self._deps = {}
+
+
+def _plain(data: bytes, query: wire.Query, key: bytes) -> bool:
+    """True for a query whose whole reply can be kept: question in lower case,
+    nothing after it but an OPT without options (parse_query checked the rest).
+    """
+    end = query.name_end + 4
+    size = end if query.edns is None else end + wire.OPT_SIZE
+    return len(data) == size and data[wire.HEADER_SIZE : end] == key

@@ -58,6 +58,7 @@ _HEADER = struct.Struct(">2sHHHHH")
 _TYPE_CLASS = struct.Struct(">HH")
 _RR_FIXED = struct.Struct(">HHIH")  # type, class, ttl, rdlength
 _OPT = struct.Struct(">BHHIH")  # root name, type, payload size, ttl, rdlength
+OPT_SIZE = _OPT.size  # an OPT record without options
 _U16 = struct.Struct(">H")
 
 

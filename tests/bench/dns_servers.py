@@ -41,6 +41,8 @@ STOP_TIMEOUT = 5.0  # seconds between SIGTERM and SIGKILL
 PROBE_TIMEOUT = 0.5  # one readiness query
 LISTEN_LINE = re.compile(r"waypost: dns listening on 127\.0\.0\.1:(\d+)")
 LOG_TAIL = 2000  # characters of a failed server's log shown in the error
+IDLE_SHARE = 0.05  # a server using less of its core than this is idle
+IDLE_TIMEOUT = 60.0  # seconds wait_idle() waits at most
 
 
 class ServerError(RuntimeError):
@@ -95,6 +97,25 @@ class Server:
                 # fields[11], fields[12] are utime and stime (stat(5) fields 14 and 15).
                 total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
         return total
+
+    def wait_idle(
+        self, *, busy: float = IDLE_SHARE, interval: float = 0.2, timeout: float = IDLE_TIMEOUT
+    ) -> bool:
+        """Wait until the server uses under `busy` of a core over `interval`; False on timeout.
+
+        A server slower than the paced rate ends a run with a socket buffer full
+        of queries and keeps its core busy answering them after dnsperf exits;
+        the next server measured on that core would share it.
+        """
+        deadline = time.monotonic() + timeout
+        before = self.cpu_seconds()
+        while time.monotonic() < deadline and self.alive():
+            time.sleep(interval)
+            after = self.cpu_seconds()
+            if after - before < busy * interval:
+                return True
+            before = after
+        return not self.alive()
 
     def rss_kib(self) -> int:
         """VmRSS of the server's main process in KiB (/proc/<pid>/status)."""
