@@ -1,0 +1,605 @@
+"""Jobs in Nomad's HTTP API shape, their allocations and service instances.  Pure: no I/O.
+
+    parse_job(body)            the body of `POST /v1/jobs` ({"Job": {...}} or a bare job)
+                               -> JobSpec; ValidationError naming the JSON path
+                               (`Job.TaskGroups[0].Networks[0].DynamicPorts[1].Label`)
+    render_job(spec)           JobSpec -> Nomad-shaped JSON (parse_job(render_job(s)) == s)
+    plan_allocs(spec)          one PlannedAlloc per group index: a uuid4 and Nomad's name
+                               "<job>.<group>[<i>]", with the netsetup NetworkSpec to set up
+    plan_instances(...)        the registry instances of one allocation from its AllocNetwork
+
+The subset of Nomad's job (api/jobs.go, api/tasks.go, api/resources.go,
+api/services.go): `ID`, `Name`, `Type` ("service"), `TaskGroups[]` with `Name`,
+`Count`, `Networks[]` (at most one: `Mode` host|bridge, `ReservedPorts[]`,
+`DynamicPorts[]` with `Label`, `Value`, `To`, `HostNetwork`) and `Services[]`
+(`Name`, `PortLabel`, `Tags`, `Meta`, `AddressMode` auto|host|alloc, `Checks[]`
+with `Name`, `Type` http|tcp|ttl, `Path`, `Protocol`, `PortLabel`, `Interval`,
+`Timeout`, `TTL`, `InitialStatus`).  Durations: integers are nanoseconds (what
+Nomad's API sends), strings are Go durations ("10s").
+
+Unknown keys: Nomad's own documented fields that waypost does not implement
+(Tasks, Constraints, Update, Datacenters...) are accepted and ignored, so a job
+exported from Nomad posts unchanged; any other key is rejected as an "unknown
+field", which catches misspellings (`Lable`, `Servics`) that would otherwise
+silently drop a port or a service.  A few Nomad fields that would change the
+result if ignored (Service.Connect, Service.Address, Network.DNS...) are rejected
+as "not supported by waypost".  Keys are matched case-sensitively.
+
+Service addresses follow Nomad's rules for group services: AddressMode auto and
+host advertise the host IP and the mapped host port; alloc advertises the
+allocation's IP and the port inside (`To`), and needs bridge mode.  A numeric
+PortLabel is that port as is.  Service ids are Nomad's
+(`_nomad-task-<allocID>-group-<group>-<service>-<port label>`), the source is
+"job" and `alloc_id` ties each instance to its allocation.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from discovery.durations import duration_ns
+from discovery.errors import ValidationError
+from discovery.model import (
+    Check,
+    CheckKind,
+    Instance,
+    check_int,
+    check_label,
+    make_check,
+    make_instance,
+)
+from netsetup.spec import AllocNetwork, NetworkSpec, PortSpec
+
+HOST_NETWORK = NetworkSpec()  # a group without Networks: host mode, no ports
+SOURCE = "job"  # Instance.source of the instances jobs register
+MAX_COUNT = 512  # allocations per group: one host, each holding ports (and an IP in bridge)
+MAX_GROUPS = 64
+MAX_SERVICES = 64  # per group
+MAX_CHECKS = 16  # per service
+DEFAULT_CHECK_TIMEOUT = 10.0  # seconds, when a check gives none (Consul's default)
+MAX_NAME = 128
+# Job and group ids go into allocation names "<job>.<group>[<i>]", service ids and
+# Nomad's env; letters, digits, `_`, `.` and `-`, starting with a letter or digit.
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+ADDRESS_MODES = ("auto", "host", "alloc")
+JOB_TYPES = ("service",)
+NAMESPACE = "default"  # the only Nomad namespace waypost has
+TASK_PREFIX = "_nomad-task-"  # Nomad's structs.NomadTaskPrefix
+
+# Nomad's documented fields that waypost accepts and ignores, per object.
+_IGNORED_REQUEST = frozenset(
+    {"EnforceIndex", "JobModifyIndex", "PolicyOverride", "PreserveCounts", "EvalPriority"}
+    | {"Submission", "Region", "Namespace"}
+)
+_IGNORED_JOB = frozenset(
+    {"Region", "Priority", "AllAtOnce", "Datacenters", "NodePool", "Constraints", "Affinities"}
+    | {"Update", "Multiregion", "Spreads", "Periodic", "ParameterizedJob", "Dispatched"}
+    | {"DispatchIdempotencyToken", "Payload", "Reschedule", "Migrate", "Meta", "ConsulToken"}
+    | {"VaultToken", "ConsulNamespace", "VaultNamespace", "NomadTokenID", "Status", "Stop"}
+    | {"StatusDescription", "Stable", "Version", "SubmitTime", "CreateIndex", "ModifyIndex"}
+    | {"JobModifyIndex", "ParentID", "UI", "VersionTag", "ParentJob"}
+)
+_IGNORED_GROUP = frozenset(
+    {"Constraints", "Affinities", "Tasks", "Spreads", "Volumes", "RestartPolicy", "Disconnect"}
+    | {"ReschedulePolicy", "EphemeralDisk", "Update", "Migrate", "Meta", "ShutdownDelay"}
+    | {"StopAfterClientDisconnect", "MaxClientDisconnect", "Scaling", "Consul"}
+    | {"PreventRescheduleOnLost"}
+)
+_IGNORED_NETWORK = frozenset({"Device", "CIDR", "IP", "MBits", "Hostname"})
+_IGNORED_PORT = frozenset({"IgnoreCollision"})
+_IGNORED_SERVICE = frozenset(
+    {"Id", "CanaryTags", "EnableTagOverride", "CheckRestart", "CanaryMeta", "TaskName"}
+    | {"OnUpdate", "Identity", "Provider", "Cluster", "Weights", "TaggedAddresses"}
+)
+_IGNORED_CHECK = frozenset(
+    {"Id", "CheckRestart", "TaskName", "OnUpdate", "SuccessBeforePassing", "Notes"}
+    | {"FailuresBeforeCritical", "FailuresBeforeWarning", "TLSServerName", "TLSSkipVerify"}
+)
+# Nomad fields whose effect waypost cannot give: rejected rather than silently dropped.
+_UNSUPPORTED = frozenset({"Connect", "Address", "DNS", "Expose", "Command", "Args", "Header"})
+_UNSUPPORTED |= frozenset({"Method", "Body", "GRPCService", "GRPCUseTLS", "AddressModeCheck"})
+
+
+# -- the spec ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CheckSpec:
+    """A service's `Checks[]` entry, durations in seconds."""
+
+    name: str
+    kind: CheckKind
+    path: str = ""  # http only
+    protocol: str = "http"  # http only: http or https
+    port_label: str = ""  # "" -> the service's port
+    interval: float = 0.0
+    timeout: float = 0.0
+    ttl: float = 0.0
+    initial_status: str = ""  # "" -> critical
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSpec:
+    """A group's `Services[]` entry."""
+
+    name: str
+    port_label: str = ""  # a port label of the group, a number, or ""
+    tags: tuple[str, ...] = ()
+    meta: tuple[tuple[str, str], ...] = ()
+    address_mode: str = "auto"
+    checks: tuple[CheckSpec, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class GroupSpec:
+    name: str
+    count: int = 1
+    network: NetworkSpec = HOST_NETWORK
+    services: tuple[ServiceSpec, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    id: str
+    name: str
+    groups: tuple[GroupSpec, ...]
+
+    def group(self, name: str) -> GroupSpec:
+        for group in self.groups:
+            if group.name == name:
+                return group
+        raise KeyError(name)
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedAlloc:
+    """One allocation of a job: what netsetup sets up and how it is named."""
+
+    id: str
+    name: str  # Nomad's "<job>.<group>[<index>]"
+    job_id: str
+    group: str
+    index: int
+    network: NetworkSpec
+
+
+# -- parsing -------------------------------------------------------------------------
+
+
+class _Obj:
+    """A JSON object at `path`, its keys checked against what is known and ignored."""
+
+    def __init__(
+        self, raw: object, path: str, known: Iterable[str], ignored: frozenset[str] = frozenset()
+    ) -> None:
+        if not isinstance(raw, Mapping):
+            raise ValidationError(path, "must be an object")
+        wanted = set(known)
+        for key in raw:
+            if not isinstance(key, str) or (key not in wanted and key not in ignored):
+                if key in _UNSUPPORTED:
+                    raise ValidationError(f"{path}.{key}", "is not supported by waypost")
+                raise ValidationError(f"{path}.{key}", "unknown field")
+        self.raw: Mapping[str, Any] = raw
+        self.path = path
+
+    def at(self, key: str) -> str:
+        return f"{self.path}.{key}"
+
+    def get(self, key: str) -> Any:
+        return self.raw.get(key)
+
+    def text(self, key: str, default: str = "") -> str:
+        value = self.raw.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, str):
+            raise ValidationError(self.at(key), "must be a string")
+        return value
+
+    def items(self, key: str, limit: int) -> list[tuple[str, Any]]:
+        """The elements of list `key` with their paths ([] when absent or null)."""
+        value = self.raw.get(key)
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise ValidationError(self.at(key), "must be a list")
+        if len(value) > limit:
+            raise ValidationError(self.at(key), f"has more than {limit} entries")
+        return [(f"{self.at(key)}[{i}]", item) for i, item in enumerate(value)]
+
+
+def _name(value: str, path: str) -> str:
+    if not value:
+        raise ValidationError(path, "is required")
+    if len(value) > MAX_NAME or not _NAME.match(value):
+        raise ValidationError(
+            path,
+            f"{value!r} is not a valid name (1-{MAX_NAME} of letters, digits, '_', '.', '-',"
+            " starting with a letter or digit)",
+        )
+    return value
+
+
+def _seconds(value: object, path: str) -> float:
+    """A Nomad API duration: integer nanoseconds, or a Go duration string."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValidationError(path, 'must be nanoseconds (an integer) or a duration like "10s"')
+    if isinstance(value, int):
+        if value < 0:
+            raise ValidationError(path, f"{value} must not be negative")
+        return value / 10**9
+    return duration_ns(value, path) / 10**9
+
+
+def parse_job(body: object) -> JobSpec:
+    """The job of a `POST /v1/jobs` body (`{"Job": {...}}`, or the job object itself).
+
+    Error handling: ValidationError naming the JSON path of the first bad field.
+    """
+    if isinstance(body, Mapping) and "Job" in body:
+        request = _Obj(body, "request", {"Job"}, _IGNORED_REQUEST)
+        return _parse_job(request.get("Job"))
+    return _parse_job(body)
+
+
+def _parse_job(raw: object) -> JobSpec:
+    obj = _Obj(raw, "Job", {"ID", "Name", "Type", "TaskGroups", "Namespace"}, _IGNORED_JOB)
+    ident = _name(obj.text("ID"), obj.at("ID"))
+    name = obj.text("Name") or ident
+    if len(name) > MAX_NAME or any(ord(c) < 32 for c in name):
+        raise ValidationError(obj.at("Name"), f"must be at most {MAX_NAME} printable characters")
+    kind = obj.text("Type", "service")
+    if kind not in JOB_TYPES:
+        raise ValidationError(obj.at("Type"), f"{kind!r}: only service jobs are supported")
+    namespace = obj.text("Namespace", NAMESPACE)
+    if namespace != NAMESPACE:
+        raise ValidationError(obj.at("Namespace"), f"waypost has only the {NAMESPACE!r} namespace")
+    groups = tuple(_parse_group(item, path) for path, item in obj.items("TaskGroups", MAX_GROUPS))
+    if not groups:
+        raise ValidationError(obj.at("TaskGroups"), "a job needs at least one group")
+    seen: set[str] = set()
+    for i, group in enumerate(groups):
+        if group.name in seen:
+            raise ValidationError(f"Job.TaskGroups[{i}].Name", f"duplicate group {group.name!r}")
+        seen.add(group.name)
+    return JobSpec(ident, name, groups)
+
+
+def _parse_group(raw: object, path: str) -> GroupSpec:
+    obj = _Obj(raw, path, {"Name", "Count", "Networks", "Services"}, _IGNORED_GROUP)
+    name = _name(obj.text("Name"), obj.at("Name"))
+    count_raw = obj.get("Count")
+    count = 1 if count_raw is None else check_int(count_raw, obj.at("Count"), 0, MAX_COUNT)
+    networks = obj.items("Networks", 1)
+    network = _parse_network(networks[0][1], networks[0][0]) if networks else HOST_NETWORK
+    services = tuple(_parse_service(item, p) for p, item in obj.items("Services", MAX_SERVICES))
+    labels = {p.label for p in network.ports}
+    seen: set[tuple[str, str]] = set()
+    for i, svc in enumerate(services):
+        where = f"{obj.at('Services')}[{i}]"
+        if svc.port_label and not svc.port_label.isdigit() and svc.port_label not in labels:
+            raise ValidationError(f"{where}.PortLabel", f"no port labelled {svc.port_label!r}")
+        if svc.address_mode == "alloc" and network.mode != "bridge":
+            raise ValidationError(f"{where}.AddressMode", "alloc needs a bridge network")
+        for n, check in enumerate(svc.checks):
+            label = check.port_label
+            if label and not label.isdigit() and label not in labels:
+                raise ValidationError(
+                    f"{where}.Checks[{n}].PortLabel", f"no port labelled {label!r}"
+                )
+        if (svc.name, svc.port_label) in seen:
+            raise ValidationError(where, f"service {svc.name!r} on {svc.port_label!r} twice")
+        seen.add((svc.name, svc.port_label))
+    return GroupSpec(name, count, network, services)
+
+
+def _parse_network(raw: object, path: str) -> NetworkSpec:
+    obj = _Obj(raw, path, {"Mode", "ReservedPorts", "DynamicPorts"}, _IGNORED_NETWORK)
+    mode = obj.text("Mode") or "host"
+    if mode not in ("host", "bridge"):
+        raise ValidationError(obj.at("Mode"), f"{mode!r}: must be host or bridge")
+    ports: list[PortSpec] = []
+    seen: set[str] = set()
+    for key, static in (("ReservedPorts", True), ("DynamicPorts", False)):
+        for where, item in obj.items(key, 256):
+            port = _parse_port(item, where, static=static)
+            if port.label in seen:
+                raise ValidationError(f"{where}.Label", f"duplicate port label {port.label!r}")
+            seen.add(port.label)
+            ports.append(port)
+    return NetworkSpec(mode="bridge" if mode == "bridge" else "host", ports=tuple(ports))
+
+
+def _parse_port(raw: object, path: str, *, static: bool) -> PortSpec:
+    obj = _Obj(raw, path, {"Label", "Value", "To", "HostNetwork"}, _IGNORED_PORT)
+    label = obj.text("Label")
+    if not label or not re.match(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$", label):
+        raise ValidationError(obj.at("Label"), f"{label!r} is not a port label")
+    value = obj.get("Value")
+    number: int | None = None
+    if static:
+        number = check_int(value, obj.at("Value"), 1, 65535)
+    elif value not in (None, 0):  # Nomad fills Value in for dynamic ports when it reads a job
+        check_int(value, obj.at("Value"), 0, 65535)
+    to = obj.get("To")
+    to = 0 if to is None else check_int(to, obj.at("To"), -1, 65535)
+    host_network = obj.text("HostNetwork")
+    return PortSpec(label, number, to, host_network)
+
+
+def _port_label(obj: _Obj, key: str) -> str:
+    value = obj.get(key)
+    if value is None:
+        return ""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise ValidationError(obj.at(key), "must be a port label or a port number")
+    if value.isdigit():
+        check_int(int(value), obj.at(key), 1, 65535)
+    return value
+
+
+def _parse_service(raw: object, path: str) -> ServiceSpec:
+    known = {"Name", "PortLabel", "Tags", "Meta", "AddressMode", "Checks"}
+    obj = _Obj(raw, path, known, _IGNORED_SERVICE)
+    name = check_label(obj.get("Name"), obj.at("Name"))
+    mode = obj.text("AddressMode") or "auto"
+    if mode not in ADDRESS_MODES:
+        raise ValidationError(obj.at("AddressMode"), f"{mode!r}: must be auto, host or alloc")
+    try:  # tags and meta as the registry checks them
+        probe = make_instance(
+            service=name,
+            node="probe",
+            address="127.0.0.1",
+            tags=obj.get("Tags"),
+            meta=obj.get("Meta"),
+        )
+    except ValidationError as err:
+        field = err.field.replace("tags", "Tags", 1).replace("meta", "Meta", 1)
+        raise ValidationError(f"{path}.{field}", err.message) from None
+    checks = tuple(_parse_check(item, p) for p, item in obj.items("Checks", MAX_CHECKS))
+    return ServiceSpec(
+        name=name,
+        port_label=_port_label(obj, "PortLabel"),
+        tags=probe.tags,
+        meta=tuple(sorted(probe.meta.items())),
+        address_mode=mode,
+        checks=checks,
+    )
+
+
+def _parse_check(raw: object, path: str) -> CheckSpec:
+    known = {"Name", "Type", "Path", "Protocol", "PortLabel", "Interval", "Timeout", "TTL"}
+    obj = _Obj(raw, path, known | {"InitialStatus", "AddressMode"}, _IGNORED_CHECK)
+    kind_text = obj.text("Type")
+    try:
+        kind = CheckKind(kind_text)
+    except ValueError:
+        raise ValidationError(obj.at("Type"), f"{kind_text!r}: must be http, tcp or ttl") from None
+    status = obj.text("InitialStatus")
+    if status not in ("", "passing", "warning", "critical"):
+        raise ValidationError(obj.at("InitialStatus"), "must be passing, warning or critical")
+    if obj.text("AddressMode") not in ("", "host"):
+        raise ValidationError(obj.at("AddressMode"), "only host checks are supported")
+    timed = kind is not CheckKind.TTL
+    interval = _seconds(obj.get("Interval") or 0, obj.at("Interval"))
+    timeout = _seconds(obj.get("Timeout") or 0, obj.at("Timeout"))
+    ttl = _seconds(obj.get("TTL") or 0, obj.at("TTL"))
+    if timed and interval <= 0:
+        raise ValidationError(obj.at("Interval"), f"is required for {kind} checks")
+    if not timed and ttl <= 0:
+        ttl, interval = interval, 0.0  # Nomad has no TTL field: the interval is the TTL
+        if ttl <= 0:
+            raise ValidationError(obj.at("TTL"), "is required for ttl checks")
+    protocol = obj.text("Protocol") or "http"
+    if protocol not in ("http", "https"):
+        raise ValidationError(obj.at("Protocol"), "must be http or https")
+    check_path = obj.text("Path")
+    if kind is CheckKind.HTTP and not check_path.startswith("/"):
+        raise ValidationError(obj.at("Path"), "an http check needs a Path starting with /")
+    return CheckSpec(
+        name=obj.text("Name"),
+        kind=kind,
+        path=check_path if kind is CheckKind.HTTP else "",
+        protocol=protocol if kind is CheckKind.HTTP else "http",
+        port_label=_port_label(obj, "PortLabel"),
+        interval=interval if timed else 0.0,
+        timeout=(timeout or DEFAULT_CHECK_TIMEOUT) if timed else 0.0,
+        ttl=0.0 if timed else ttl,
+        initial_status=status,
+    )
+
+
+# -- rendering -----------------------------------------------------------------------
+
+
+def _ns(seconds: float) -> int:
+    return round(seconds * 10**9)
+
+
+def render_job(spec: JobSpec) -> dict[str, Any]:
+    """`spec` in Nomad's API shape (the inverse of :func:`parse_job`)."""
+    return {
+        "ID": spec.id,
+        "Name": spec.name,
+        "Type": "service",
+        "Namespace": NAMESPACE,
+        "TaskGroups": [_render_group(g) for g in spec.groups],
+    }
+
+
+def _render_group(group: GroupSpec) -> dict[str, Any]:
+    net = group.network
+    reserved = [p for p in net.ports if p.static is not None]
+    dynamic = [p for p in net.ports if p.static is None]
+    return {
+        "Name": group.name,
+        "Count": group.count,
+        "Networks": [
+            {
+                "Mode": net.mode,
+                "ReservedPorts": [_render_port(p) for p in reserved],
+                "DynamicPorts": [_render_port(p) for p in dynamic],
+            }
+        ],
+        "Services": [_render_service(s) for s in group.services],
+    }
+
+
+def _render_port(port: PortSpec) -> dict[str, Any]:
+    return {
+        "Label": port.label,
+        "Value": port.static or 0,
+        "To": port.to,
+        "HostNetwork": port.host_network,
+    }
+
+
+def _render_service(svc: ServiceSpec) -> dict[str, Any]:
+    return {
+        "Name": svc.name,
+        "PortLabel": svc.port_label,
+        "Tags": list(svc.tags),
+        "Meta": dict(svc.meta),
+        "AddressMode": svc.address_mode,
+        "Checks": [
+            {
+                "Name": c.name,
+                "Type": c.kind.value,
+                "Path": c.path,
+                "Protocol": c.protocol,
+                "PortLabel": c.port_label,
+                "Interval": _ns(c.interval),
+                "Timeout": _ns(c.timeout),
+                "TTL": _ns(c.ttl),
+                "InitialStatus": c.initial_status,
+            }
+            for c in svc.checks
+        ],
+    }
+
+
+# -- planning ------------------------------------------------------------------------
+
+
+def alloc_name(job_id: str, group: str, index: int) -> str:
+    """Nomad's allocation name (structs.AllocName)."""
+    return f"{job_id}.{group}[{index}]"
+
+
+def plan_allocs(
+    spec: JobSpec, new_id: Callable[[], str] = lambda: str(uuid.uuid4())
+) -> tuple[PlannedAlloc, ...]:
+    """One allocation per group index, in group order; `new_id` makes the ids (uuid4)."""
+    return tuple(
+        PlannedAlloc(new_id(), alloc_name(spec.id, g.name, i), spec.id, g.name, i, g.network)
+        for g in spec.groups
+        for i in range(g.count)
+    )
+
+
+def service_id(alloc_id: str, group: str, service: str, port_label: str) -> str:
+    """Nomad's id of a group service (structs.MakeAllocServiceID, task "group-<group>")."""
+    return f"{TASK_PREFIX}{alloc_id}-group-{group}-{service}-{port_label}"
+
+
+def _endpoint(network: AllocNetwork, label: str, mode: str) -> tuple[str, int]:
+    """The (address, port) a service or check on `label` advertises (Nomad's rules)."""
+    alloc_mode = mode == "alloc"
+    address = (network.alloc_ip or network.alloc_ip6) if alloc_mode else network.host_ip
+    if not label:
+        return address, 0
+    if label.isdigit():
+        return address, int(label)
+    mapping = network.port(label)
+    return address, mapping.alloc_port if alloc_mode else mapping.host_port
+
+
+def _host(address: str) -> str:
+    return f"[{address}]" if ":" in address else address
+
+
+def _checks(svc: ServiceSpec, ident: str, network: AllocNetwork) -> tuple[Check, ...]:
+    out = []
+    for n, c in enumerate(svc.checks, 1):
+        suffix = f":{n}" if len(svc.checks) > 1 else ""
+        address, port = _endpoint(network, c.port_label or svc.port_label, svc.address_mode)
+        target = ""
+        if c.kind is CheckKind.HTTP:
+            target = f"{c.protocol}://{_host(address)}:{port}{c.path}"
+        elif c.kind is CheckKind.TCP:
+            target = f"{_host(address)}:{port}"
+        out.append(
+            make_check(
+                id=f"service:{ident}{suffix}",
+                name=c.name or f"service: {svc.name!r} check",
+                kind=c.kind,
+                target=target,
+                ttl=c.ttl,
+                interval=c.interval,
+                timeout=c.timeout,
+                status=c.initial_status or None,
+            )
+        )
+    return tuple(out)
+
+
+def plan_instances(
+    alloc: PlannedAlloc, group: GroupSpec, network: AllocNetwork, node: str
+) -> tuple[Instance, ...]:
+    """The registry instances of `alloc`'s services, placed by `network` (what netsetup gave).
+
+    Error handling: ValidationError when a service cannot be placed (a check on
+    port 0); the job's parse catches what it can before anything is set up.
+    """
+    out = []
+    ports = {p.label: p.host_port for p in network.ports}
+    for svc in group.services:
+        ident = service_id(alloc.id, alloc.group, svc.name, svc.port_label)
+        address, port = _endpoint(network, svc.port_label, svc.address_mode)
+        out.append(
+            make_instance(
+                service=svc.name,
+                id=ident,
+                node=node,
+                address=address,
+                port=port,
+                tags=svc.tags,
+                meta=dict(svc.meta),
+                ports=ports if svc.address_mode != "alloc" else _alloc_ports(network),
+                alloc_id=alloc.id,
+                source=SOURCE,
+                checks=_checks(svc, ident, network),
+            )
+        )
+    return tuple(out)
+
+
+def _alloc_ports(network: AllocNetwork) -> dict[str, int]:
+    return {p.label: p.alloc_port for p in network.ports}
+
+
+def alloc_addresses(network: AllocNetwork) -> tuple[str, ...]:
+    """What `<alloc-id-prefix>.alloc.<domain>` answers: the namespace's IPs, else the host's."""
+    inside = tuple(a for a in (network.alloc_ip, network.alloc_ip6) if a)
+    return inside or (network.host_ip,)
+
+
+def alloc_env(alloc: PlannedAlloc, job: JobSpec, base: Mapping[str, str]) -> dict[str, str]:
+    """Nomad's allocation variables around the port ones in `base` (netsetup's render_env)."""
+    return {
+        "NOMAD_ALLOC_ID": alloc.id,
+        "NOMAD_ALLOC_NAME": alloc.name,
+        "NOMAD_ALLOC_INDEX": str(alloc.index),
+        "NOMAD_GROUP_NAME": alloc.group,
+        "NOMAD_JOB_ID": job.id,
+        "NOMAD_JOB_NAME": job.name,
+        "NOMAD_NAMESPACE": NAMESPACE,
+        **base,
+    }
