@@ -13,7 +13,10 @@ in WAL mode with ``synchronous=FULL``::
 
 What persists: instances whose source is in :data:`PERSISTED_SOURCES` ("api",
 "job"), with their checks, statuses and outputs; allocations; the registry
-index (in every transaction, so it never goes backwards across restarts).
+index (in every transaction, so it never goes backwards across restarts); and
+job documents (``jobs`` table, written by :meth:`Store.put_job` outside the
+registry's batches and read by :meth:`Store.load_jobs`; added to existing
+databases on open, so the schema version stays 1).
 "config" instances are re-read from the config files, "consul" ones re-pulled.
 
 Writing: the connection is created, used and closed by one thread only (a
@@ -87,6 +90,9 @@ _UPSERT = (
     " ON CONFLICT (id) DO UPDATE SET data = excluded.data"
 )
 _DELETE = "DELETE FROM {table} WHERE id = ?"
+# Added after schema version 1 shipped: created on open when missing (older waypost
+# versions ignore the table, so the version does not change).
+_JOBS_TABLE = "CREATE TABLE IF NOT EXISTS jobs (id BLOB PRIMARY KEY, data TEXT NOT NULL)"
 
 _T = TypeVar("_T")
 
@@ -350,6 +356,7 @@ def _open_db(path: Path, busy_timeout: float) -> tuple[sqlite3.Connection, int]:
         if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
             for statement in _SCHEMA:
                 conn.execute(statement)
+        conn.execute(_JOBS_TABLE)
         conn.execute("COMMIT")
         index = conn.execute("SELECT value FROM meta WHERE key = 'index'").fetchone()
     except (sqlite3.Error, StateError) as exc:
@@ -439,6 +446,38 @@ def _write_batch(conn: sqlite3.Connection, path: Path, batch: _Batch) -> float:
             f"{path}: cannot commit {batch.size} changes up to index {batch.index}: {exc}"
         ) from exc
     return time.perf_counter() - start
+
+
+def _load_jobs(conn: sqlite3.Connection, path: Path) -> dict[str, str]:
+    try:
+        rows = conn.execute("SELECT id, data FROM jobs ORDER BY id").fetchall()
+    except sqlite3.Error as exc:
+        raise StateError(f"{path} cannot be read: {exc}; {_FRESH_START}") from exc
+    jobs: dict[str, str] = {}
+    for key, data in rows:
+        name = key.decode("utf-8", "surrogatepass") if isinstance(key, bytes) else str(key)
+        jobs[name] = _parse_row(path, "job", (key, data), _text)
+    return jobs
+
+
+def _text(value: str) -> str:
+    return value
+
+
+def _write_job(conn: sqlite3.Connection, path: Path, ident: str, data: str | None) -> None:
+    """Upsert (or delete, `data` None) one job document in its own transaction."""
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            _write_rows(conn, "jobs", {ident: data}, _text)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            raise
+    except sqlite3.Error as exc:
+        raise StateError(f"{path}: cannot write job {ident!r}: {exc}") from exc
 
 
 # -- the store (event loop side) ----------------------------------------------------------
@@ -534,6 +573,25 @@ class Store:
         if self._closing.is_set():
             raise StateError(f"{self.path}: the store is closed")
         return self._executor.submit(_load_db, self._conn, self.path).result()
+
+    def load_jobs(self) -> dict[str, str]:
+        """The persisted job documents by job id.  Sync: call before serving.
+
+        Error handling: StateError naming the file when it cannot be read.
+        """
+        if self._closing.is_set():
+            raise StateError(f"{self.path}: the store is closed")
+        return self._executor.submit(_load_jobs, self._conn, self.path).result()
+
+    async def put_job(self, ident: str, data: str | None) -> None:
+        """Write job `ident`'s document (None deletes it); returns once it is on disk.
+
+        Error handling: StateError when the write fails or the store is closed.
+        """
+        if self._closing.is_set():
+            raise StateError(f"{self.path}: the store is closed")
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, _write_job, self._conn, self.path, ident, data)
 
     def attach(self, registry: Registry) -> None:
         """Persist every later change of `registry` (call from the event loop).
