@@ -48,6 +48,8 @@ from discovery.model import (
     make_instance,
     worst_health,
 )
+from netsetup.errors import SpecError
+from netsetup.spec import HostNetwork, NetConfig, parse_port_ranges
 
 DEFAULT_DOMAIN = "nomad."
 DEFAULT_BIND = "127.0.0.1"
@@ -153,6 +155,7 @@ class AgentConfig:
     files: tuple[str, ...] = ()
     acl: AclSettings = field(default_factory=AclSettings)
     consul: MirrorSettings | None = None  # the Consul mirror; None: no `consul` block
+    client: NetConfig = field(default_factory=NetConfig)  # allocation networking (jobs)
 
     @property
     def datacenter(self) -> str:
@@ -393,10 +396,117 @@ def _consul_services(value: object, fieldname: str) -> tuple[str, ...]:
     return tuple(names)
 
 
+# -- the client block: allocation networking for jobs (netsetup's NetConfig) --------
+#
+# Nomad's client option names (https://developer.hashicorp.com/nomad/docs/configuration/client)
+# mapped onto netsetup.spec.NetConfig fields.
+CLIENT_FIELDS: Mapping[str, str] = MappingProxyType(
+    {
+        "client.network_interface": "network_interface",
+        "client.min_dynamic_port": "min_dynamic_port",
+        "client.max_dynamic_port": "max_dynamic_port",
+        "client.reserved.reserved_ports": "reserved_ports",
+        "client.bridge_network_name": "bridge",
+        "client.bridge_network_subnet": "subnet",
+        "client.bridge_network_subnet_ipv6": "subnet6",
+        "client.bridge_network_hairpin_mode": "hairpin",
+    }
+)
+_HOST_NETWORK = "client.host_network"
+_HOST_NETWORK_KEYS = frozenset({"name", "cidr", "address", "reserved_ports"})
+
+
+def _port_ranges(value: object, fieldname: str) -> str:
+    """Nomad's "22,80,8500-8600" port list, as given (validated)."""
+    if not isinstance(value, str):
+        raise ValidationError(fieldname, 'must be a string like "22,80,8500-8600"')
+    try:
+        parse_port_ranges(value, fieldname)
+    except SpecError as err:
+        raise ValidationError(fieldname, err.message) from None
+    return value
+
+
+def _host_address(obj: Mapping[str, object], fieldname: str) -> str:
+    """A host network's address: `address`, or a `cidr` of one host (/32, /128)."""
+    if "address" in obj:
+        return check_address(obj["address"], f"{fieldname}.address")
+    cidr = obj.get("cidr")
+    if cidr is None:
+        return ""
+    try:
+        net = ipaddress.ip_network(_string(cidr, f"{fieldname}.cidr"), strict=True)
+    except ValueError:
+        raise ValidationError(f"{fieldname}.cidr", f"{cidr!r} is not a CIDR network") from None
+    if net.num_addresses != 1:
+        raise ValidationError(
+            f"{fieldname}.cidr",
+            f"{cidr!r}: waypost takes one address (a /32 or /128, or `address`), not a range",
+        )
+    return str(net.network_address)
+
+
+def _host_networks(raw: RawFile, value: object, where: str, key: str) -> list[HostNetwork]:
+    """`host_network { name = "public" ... }` blocks, or JSON's `{"public": {...}}`."""
+    out = []
+    for bw, block in _objects(raw, value, where, key):
+        named = [(bw, block)] if "name" in block else []
+        if not named:
+            for label, body in block.items():
+                if not isinstance(body, Mapping):
+                    raise raw.error(f"{key}.{label}", "must be a block (an object)", bw)
+                named.append((f"{bw}.{label}", {"name": label, **body}))
+        for nw, obj in named:
+            for name in obj:
+                if name not in _HOST_NETWORK_KEYS:
+                    raise raw.error(f"{key}.{name}", "unknown key", nw)
+            try:
+                label = _string(obj["name"], f"{key}.name")
+                out.append(
+                    HostNetwork(
+                        name=label,
+                        address=_host_address(obj, key),
+                        reserved_ports=_port_ranges(
+                            obj.get("reserved_ports", ""), f"{key}.reserved_ports"
+                        ),
+                    )
+                )
+            except ValidationError as err:
+                raise raw.error(err.field, err.message, nw) from None
+            except SpecError as err:
+                raise raw.error(key, err.message, nw) from None
+    return out
+
+
+def _client_config(settings: Mapping[str, _Setting], data_dir: str, advertise: str) -> NetConfig:
+    """netsetup's NetConfig from the `client` settings; ConfigError naming the key."""
+    fields: dict[str, Any] = {
+        name: settings[key].value for key, name in CLIENT_FIELDS.items() if key in settings
+    }
+    networks = [
+        s.value
+        for key, s in sorted(settings.items())
+        if key.startswith(_HOST_NETWORK + ".") and isinstance(s.value, HostNetwork)
+    ]
+    try:
+        return NetConfig(
+            **fields, host_networks=tuple(networks), advertise=advertise, data_dir=data_dir
+        )
+    except SpecError as err:
+        by_field = {name: key for key, name in CLIENT_FIELDS.items()}
+        key = by_field.get(err.field.partition(".")[0], "client")
+        found = settings.get(key) or settings.get("client")
+        if found is None:
+            raise ConfigError("config", err.message, key=key) from None
+        raise found.raw.error(key, err.message, found.where) from None
+
+
 # -- the schema ------------------------------------------------------------------
 
 # Blocks whose keys merge one by one across files (HCL blocks or JSON objects).
-_SECTIONS = frozenset({"ports", "addresses", "dns", "dns.soa", "acl", "consul"})
+_SECTIONS = frozenset(
+    {"ports", "addresses", "dns", "dns.soa", "acl", "consul", "client", "client.reserved"}
+)
 # Sections whose presence alone means something (`consul {}` turns the mirror on).
 _PRESENT = frozenset({"consul"})
 # Every other setting: dotted key -> validator returning the value to keep.
@@ -435,6 +545,14 @@ _SETTINGS: Mapping[str, Callable[[Any, str], object]] = {
     "consul.push": _bool,
     "consul.pull": _bool,
     "consul.services": _consul_services,
+    "client.network_interface": _string,
+    "client.min_dynamic_port": check_port,
+    "client.max_dynamic_port": check_port,
+    "client.reserved.reserved_ports": _port_ranges,
+    "client.bridge_network_name": _string,
+    "client.bridge_network_subnet": _string,
+    "client.bridge_network_subnet_ipv6": _string,
+    "client.bridge_network_hairpin_mode": _bool,
 }
 # Config keys whose DnsSettings field has another name.
 _DNS_FIELD = {"allow_recursion_from": "recursion_allowed"}
@@ -528,6 +646,9 @@ def _walk(raw: RawFile, obj: Mapping[str, object], where: str, key: str, layer: 
             # Services do not merge, so their keys are their paths in this file.
             for sw, svc in _objects(raw, value, w, k):
                 layer.services.append(_parse_service(raw, svc, sw))
+        elif k == _HOST_NETWORK:
+            for network in _host_networks(raw, value, w, k):
+                layer.settings[f"{k}.{network.name}"] = _Setting(network, raw, w)
         elif k in _SECTIONS:
             if k in _PRESENT:
                 layer.settings[k] = _Setting(True, raw, w)
@@ -696,6 +817,13 @@ def parse_config(
         files=tuple(raw.path for raw in files),
         acl=_acl_settings(values),
         consul=_mirror_settings(values, overrides),
+        client=_client_config(
+            settings,
+            data_dir,
+            # Nomad -dev puts allocations on the loopback interface; so does --dev here.
+            advertise
+            or (node_address if overrides.dev and "client.network_interface" not in values else ""),
+        ),
     )
 
 
