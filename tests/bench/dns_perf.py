@@ -107,11 +107,13 @@ def run_dnsperf(
     realtime: bool = False,
     clients: int = MAX_CLIENTS,
     outstanding: int = MAX_OUTSTANDING,
+    passes: int | None = None,
 ) -> PerfResult:
     """One dnsperf run against 127.0.0.1:port over UDP, pinned to CLIENT_CORE.
 
     `rate` (queries/s) makes it a paced run (-Q); `verbose` records per-query latency;
-    `realtime` runs dnsperf as SCHED_FIFO (chrt) so other processes do not preempt it.
+    `realtime` runs dnsperf as SCHED_FIFO (chrt) so other processes do not preempt it;
+    `passes` ends the run after that many passes through `queryfile` (-n) if sooner.
     """
     command = [
         "taskset",
@@ -143,6 +145,8 @@ def run_dnsperf(
         command += ["-Q", str(rate)]
     if verbose:
         command.append("-v")
+    if passes is not None:
+        command += ["-n", str(passes)]
     try:
         done = subprocess.run(
             command,

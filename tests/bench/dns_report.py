@@ -285,7 +285,8 @@ def render_change_details(change: Mapping[str, Any]) -> str:
 NOTES = f"""\
 How measured (tool per figure):
 - QPS: dnsperf on core {CLIENT_CORE}, `-m udp -c 1 -T 1 -q {MAX_OUTSTANDING}`, no rate limit,
-  after a 1 s warm-up; each server pinned alone to core {SERVER_CORE}. Best of the rounds
+  after a warm-up (one pass through the query file, at most 20 s); each server pinned alone
+  to core {SERVER_CORE}, and idle before the next server's run. Best of the rounds
   (rounds interleave the servers; all rounds are listed, in thousands).
   "server CPU" = server CPU time / wall time in that run (/proc/<pid>/stat): near 100% means
   the server was the bottleneck, lower means the load generator or the host was.
