@@ -7,6 +7,14 @@ and the HTTP API; :func:`serve` runs it until SIGTERM or SIGINT and re-reads
 the configuration on SIGHUP; :func:`run_agent` is the synchronous entry point
 (uvloop when installed).
 
+Jobs (:mod:`discovery.allocations`): the runner comes back with the persisted
+jobs before the API serves, then the `--job` files are run (a file whose job
+runs unchanged is a no-op, so restarts are idempotent).  netsetup (pyroute2 and
+its memory) is imported only when a job has allocations to restore or one is
+posted; it reconciles the kernel side at that moment only
+when it has bridge allocations and runs as root (host mode touches no kernel
+object, so an agent without jobs in bridge mode never changes the host).
+
 A reload swaps the configured services (one registry batch) and the DNS
 settings; sockets stay open, so no query is dropped.  A config that does not
 parse is logged and the running one is kept.  What is fixed at start (node,
@@ -19,12 +27,15 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import signal
-from collections.abc import Callable
+import threading
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
-from discovery import api_consul, api_nomad, api_waypost
+from discovery import api_consul, api_jobs, api_nomad, api_waypost
+from discovery.allocations import JobFailed, JobRunner
 from discovery.api import ApiContext
 from discovery.checks import CheckRunner
 from discovery.config import SOURCE, AgentConfig, Endpoint, service_instances
@@ -34,18 +45,32 @@ from discovery.errors import StateError, WaypostError
 from discovery.events import EventLog
 from discovery.httpapi import HttpServer, HttpStats, StreamRoute, start_http
 from discovery.metrics import MetricsSources
+from netsetup.spec import AllocNetwork, NetConfig, NetworkSpec
 
 if TYPE_CHECKING:
+    from discovery.jobs import JobSpec
     from discovery.mirror import Mirror
+    from netsetup.network import NetworkManager
+    from netsetup.state import NetState
 from discovery.registry import Registry
 from discovery.store import Store, open_store
 
 log = logging.getLogger(__name__)
 
 ConfigLoader = Callable[[], AgentConfig]
+T = TypeVar("T")
 
 # Fixed for the life of the process: the node the registry is built around and the sockets.
-RESTART_ONLY = ("node_name", "node_address", "dns_addr", "http_addr", "data_dir", "acl", "consul")
+RESTART_ONLY = (
+    "node_name",
+    "node_address",
+    "dns_addr",
+    "http_addr",
+    "data_dir",
+    "acl",
+    "consul",
+    "client",
+)
 HOLDS_SECRETS = frozenset({"acl", "consul"})
 EXIT_OK = 0
 EXIT_FAILED = 1  # could not start (address in use...)
@@ -62,8 +87,10 @@ class Agent:
         dns: DnsServer,
         http: HttpServer,
         parts: contextlib.AsyncExitStack,
+        jobs: JobRunner,
     ) -> None:
         self.config = config
+        self.jobs = jobs
         self.registry = registry
         self.responder = responder
         self.dns = dns
@@ -104,8 +131,119 @@ class Agent:
         await self._parts.aclose()
 
 
-async def start_agent(config: AgentConfig) -> Agent:
-    """Open the state, rebuild the registry, start every part.
+class LazyNetwork:
+    """netsetup's NetworkManager, started at its first use, on a loop of its own.
+
+    pyroute2's netlink sockets need the standard asyncio loop (uvloop refuses
+    AF_NETLINK datagram endpoints), so the manager lives on a plain asyncio loop
+    in one thread and every call is passed to it; the agent's loop only awaits.
+    """
+
+    def __init__(self, config: NetConfig) -> None:
+        self._config = config
+        self._manager: NetworkManager | None = None
+        self._state: NetState | None = None
+        self._close_firewall: Callable[[], None] = lambda: None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    async def _call(self, work: Callable[[NetworkManager], Awaitable[T]]) -> T:
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+            self._thread = threading.Thread(
+                target=self._loop.run_forever, name="waypost-netsetup", daemon=True
+            )
+            self._thread.start()
+
+        async def inside() -> T:
+            return await work(await self._open())
+
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(inside(), self._loop))
+
+    async def _open(self) -> NetworkManager:
+        if self._manager is not None:
+            return self._manager
+        # Imported here: pyroute2 costs the agent memory it needs only for jobs.
+        from netsetup.firewall import Firewall
+        from netsetup.network import start_network_manager
+        from netsetup.state import open_state
+
+        state = open_state(self._config.data_dir)
+        firewall = Firewall(self._config)
+        try:
+            manager = await start_network_manager(self._config, state, firewall)
+        except BaseException:
+            firewall.close()
+            state.close()
+            raise
+        self._manager, self._state, self._close_firewall = manager, state, firewall.close
+        bridged = any(r.spec.mode == "bridge" for r in state.allocations())
+        if bridged and os.geteuid() == 0:
+            report = await manager.reconcile()
+            log.info("allocation networking reconciled: %s", report)
+        return manager
+
+    async def setup(self, alloc_id: str, spec: NetworkSpec) -> AllocNetwork:
+        return await self._call(lambda manager: manager.setup(alloc_id, spec))
+
+    async def teardown(self, alloc_id: str) -> bool:
+        return await self._call(lambda manager: manager.teardown(alloc_id))
+
+    async def get(self, alloc_id: str) -> AllocNetwork | None:
+        return await self._call(lambda manager: manager.get(alloc_id))
+
+    async def _close_inside(self) -> None:
+        try:
+            if self._manager is not None:
+                await self._manager.close()
+        finally:
+            self._close_firewall()
+            if self._state is not None:
+                self._state.close()
+
+    async def close(self) -> None:
+        """Close the manager on its loop, then stop the loop and its thread."""
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        try:
+            future = asyncio.run_coroutine_threadsafe(self._close_inside(), loop)
+            await asyncio.wrap_future(future)
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            await asyncio.to_thread(thread.join)
+            loop.close()
+            self._loop = self._thread = None
+
+
+async def _start_jobs(
+    config: AgentConfig, registry: Registry, store: Store, parts: contextlib.AsyncExitStack
+) -> JobRunner:
+    network = LazyNetwork(config.client)
+    parts.push_async_callback(network.close)
+
+    async def opener() -> LazyNetwork:
+        return network
+
+    runner = JobRunner(registry, store, opener, config.node_name)
+    await runner.start()
+    return runner
+
+
+async def run_jobs(runner: JobRunner, jobs: Sequence[JobSpec]) -> None:
+    """Run the `--job` files' jobs.  Error handling: a job that fails is logged, not fatal."""
+    for spec in jobs:
+        try:
+            job, changed = await runner.run(spec)
+        except (JobFailed, WaypostError) as err:
+            log.error("job %s from --job could not run: %s", spec.id, err)
+            continue
+        what = "running" if changed else "unchanged"
+        log.info("job %s %s: %d allocations", spec.id, what, len(job.allocs))
+
+
+async def start_agent(config: AgentConfig, jobs: Sequence[JobSpec] = ()) -> Agent:
+    """Open the state, rebuild the registry, start every part, then run `jobs`.
 
     Error handling: an unusable data dir raises StateError and an address that
     cannot be bound raises OSError; either way nothing stays open or running.
@@ -134,16 +272,20 @@ async def start_agent(config: AgentConfig) -> Agent:
                 registry, config.consul, node=config.node_name, datacenter=config.datacenter
             )
             parts.push_async_callback(mirror.close)
+        runner = await _start_jobs(config, registry, store, parts)
         dns = await start_dns(responder, config.dns_addr.host, config.dns_addr.port)
         parts.push_async_callback(_close_dns, dns)
-        http = await _start_http(config, registry, responder, dns, store, checks, mirror, parts)
+        http = await _start_http(
+            config, registry, responder, dns, store, checks, mirror, runner, parts
+        )
+        await run_jobs(runner, jobs)
         log.info(
             "restored %d instances from %s (index %d)",
             len(restored.instances),
             config.data_dir,
             registry.snapshot.index,
         )
-        return Agent(config, registry, responder, dns, http, parts)
+        return Agent(config, registry, responder, dns, http, parts, runner)
     except BaseException:
         await parts.aclose()
         raise
@@ -157,6 +299,7 @@ async def _start_http(
     store: Store,
     checks: CheckRunner,
     mirror: Mirror | None,
+    runner: JobRunner,
     parts: contextlib.AsyncExitStack,
 ) -> HttpServer:
     events = EventLog(registry, datacenter=config.datacenter)
@@ -171,7 +314,12 @@ async def _start_http(
         mirror=None if mirror is None else (lambda: mirror.stats),
     )
     status = api_waypost.StatusOf(sources, dns_serving=lambda: dns.serving)
-    routes = api_consul.ROUTES + api_nomad.ROUTES + api_waypost.routes(status)
+    routes = (
+        api_consul.ROUTES
+        + api_nomad.ROUTES
+        + api_waypost.routes(status)
+        + api_jobs.routes(runner, config.node_name)
+    )
     stream = StreamRoute("/v1/event/stream", api_waypost.event_stream(events))
     ctx = ApiContext(registry, store, checks, config.datacenter, config.node_name)
     host, port = config.http_addr.host, config.http_addr.port
@@ -231,7 +379,7 @@ class _Reloads:
             await asyncio.gather(self._task, return_exceptions=True)
 
 
-async def serve(config: AgentConfig, load: ConfigLoader) -> int:
+async def serve(config: AgentConfig, load: ConfigLoader, jobs: Sequence[JobSpec] = ()) -> int:
     """Run the agent until SIGTERM or SIGINT (exit 0); SIGHUP re-reads the config via `load`."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -243,7 +391,7 @@ async def serve(config: AgentConfig, load: ConfigLoader) -> int:
     loop.add_signal_handler(signal.SIGHUP, reloads.request)
     try:
         try:
-            agent = await start_agent(config)
+            agent = await start_agent(config, jobs)
             # Everything built so far lives as long as the agent: keep it out of the
             # collector's full passes, which otherwise stall wake-ups of many watchers.
             gc.freeze()
@@ -276,10 +424,10 @@ async def serve(config: AgentConfig, load: ConfigLoader) -> int:
     return EXIT_OK
 
 
-def run_agent(config: AgentConfig, load: ConfigLoader) -> int:
+def run_agent(config: AgentConfig, load: ConfigLoader, jobs: Sequence[JobSpec] = ()) -> int:
     """Run :func:`serve` on a new event loop (uvloop when importable); returns the exit code."""
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        return runner.run(serve(config, load))
+        return runner.run(serve(config, load, jobs))
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

@@ -168,6 +168,7 @@ class JobRunner:
         self._node = node
         self._jobs: dict[str, RunningJob] = {}
         self._lock = asyncio.Lock()
+        self.last_index = 0  # the registry index of the last run, stop or start
 
     # -- reads ----------------------------------------------------------------------
 
@@ -216,6 +217,7 @@ class JobRunner:
                 drop_allocs=retiring,
             )
             job = replace(job, modify_index=snap.index)
+            self.last_index = snap.index
             self._jobs[spec.id] = job
             await self._store.durable(snap.index)
             if retiring:
@@ -270,22 +272,21 @@ class JobRunner:
             await self._store.put_job(job_id, None)
             del self._jobs[job_id]
             snap = self._registry.apply(removals=job.instance_ids, drop_allocs=ids)
+            self.last_index = snap.index
             await self._store.durable(snap.index)
             return await self._teardown_all(await self._net(), ids)
 
     # -- start ----------------------------------------------------------------------
 
-    async def start(self, *, network_state_exists: bool = False) -> None:
+    async def start(self) -> None:
         """Bring the persisted jobs back (see the module docstring).
 
-        netsetup is opened only when there are jobs, or `network_state_exists`.
-        Error handling: StateError for an unreadable document; an allocation that
-        cannot be set up again is logged and left out (the job runs without it).
+        The network is opened only when there are jobs.  Error handling: StateError
+        for an unreadable document; an allocation that cannot be set up again is
+        logged and left out (the job runs without it).
         """
         docs = await asyncio.to_thread(self._store.load_jobs)
         async with self._lock:
-            if docs or network_state_exists:
-                await self._net()
             restored: dict[str, RunningJob] = {}
             for ident, text in sorted(docs.items()):
                 spec, plans, retiring = parse_doc(text)
@@ -337,3 +338,4 @@ class JobRunner:
             drop_allocs=[ident for ident in snap.allocs if ident not in kept],
         )
         self._jobs = {k: replace(v, modify_index=new.index) for k, v in restored.items()}
+        self.last_index = new.index

@@ -1,7 +1,11 @@
 """The `waypost` command line.  Adapter: argv and stderr around the agent.
 
     waypost agent [--config FILE_OR_DIR]... [--dev] [--dns-addr HOST:PORT]
-                  [--http-addr HOST:PORT] [--data-dir DIR]
+                  [--http-addr HOST:PORT] [--data-dir DIR] [--job FILE]...
+
+`--job FILE` is a job in Nomad's API JSON (`{"Job": {...}}`, what `nomad job run
+-output` prints, or the bare job), run at start; unchanged across restarts it is a
+no-op.  A file that does not parse is a usage error.
 
 Exit codes: 0 after SIGTERM/SIGINT, 1 when the agent cannot start (address
 in use...), 2 for a usage or configuration error (nothing is bound then).
@@ -10,6 +14,7 @@ in use...), 2 for a usage or configuration error (nothing is bound then).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import socket
@@ -20,6 +25,7 @@ from discovery.agent import run_agent
 from discovery.config import AgentConfig, Endpoint, Overrides, parse_endpoint
 from discovery.errors import ConfigError, ValidationError
 from discovery.hclfile import load_config
+from discovery.jobs import JobSpec, parse_job
 
 EXIT_USAGE = 2  # argparse's code for bad usage; config errors share it
 
@@ -71,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="HTTP API listen address (port 0 picks one); default 127.0.0.1:4646",
     )
     agent.add_argument("--data-dir", metavar="DIR", help="state directory")
+    agent.add_argument(
+        "--job",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a job in Nomad's API JSON, run at start (repeatable; idempotent across restarts)",
+    )
     commands.add_parser(
         "net",
         help="allocation networking by hand (root): up, down, list, reconcile",
@@ -84,6 +97,22 @@ def _setup_logging() -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Formatter("%(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+
+
+def load_jobs(paths: Sequence[str]) -> list[JobSpec]:
+    """The jobs in `paths`; ConfigError naming the file and the field when one is bad."""
+    jobs: list[JobSpec] = []
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as file:
+                body = json.load(file)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(path, f"cannot read the job: {exc}") from None
+        try:
+            jobs.append(parse_job(body))
+        except ValidationError as err:
+            raise ConfigError(path, err.message, key=err.field) from None
+    return jobs
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -111,8 +140,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         config = load()
+        jobs = load_jobs(args.job)
     except ConfigError as err:
         print(f"waypost: {err}", file=sys.stderr)
         return EXIT_USAGE
     _setup_logging()
-    return run_agent(config, load)
+    return run_agent(config, load, jobs)
