@@ -1,0 +1,280 @@
+"""discovery.allocations.JobRunner: all-or-nothing runs, replacement, stop, restart.
+
+FAKES: `FakeNetwork` stands in for netsetup's NetworkManager (its kernel side
+cannot run in a unit test, and failures must be injected at a chosen setup);
+`MemoryJobs` for the store's job table (the real one is tested through the
+agent in tests/integration/test_jobs_agent.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from discovery.allocations import JobFailed, JobRunner, keep_check_state, parse_doc
+from discovery.errors import NotFoundError
+from discovery.jobs import SOURCE, JobSpec, parse_job
+from discovery.model import Health, Node
+from discovery.registry import Registry
+from netsetup.errors import PortError
+from netsetup.spec import AllocNetwork, NetworkSpec, PortMapping
+
+NODE = Node("agent", "127.0.0.1")
+
+
+class FakeNetwork:
+    """netsetup's NetworkManager in memory: ports from a counter, failures on request."""
+
+    def __init__(self) -> None:
+        self.allocs: dict[str, AllocNetwork] = {}
+        self.calls: list[tuple[str, str]] = []
+        self.fail_setups: set[int] = set()  # 1-based numbers of setup calls that fail
+        self.fail_teardowns: set[str] = set()
+        self._setups = 0
+        self._next_port = 20000
+
+    async def setup(self, alloc_id: str, spec: NetworkSpec) -> AllocNetwork:
+        await asyncio.sleep(0)  # a real setup yields; concurrent runs must not interleave
+        self._setups += 1
+        self.calls.append(("setup", alloc_id))
+        if self._setups in self.fail_setups:
+            raise PortError("dynamic port selection failed (injected)")
+        ports = []
+        for port in spec.ports:
+            self._next_port += 1
+            host = port.static or self._next_port
+            ports.append(PortMapping(port.label, "127.0.0.1", host, port.to or host))
+        net = AllocNetwork(alloc_id, spec.mode, "127.0.0.1", tuple(ports))
+        self.allocs[alloc_id] = net
+        return net
+
+    async def teardown(self, alloc_id: str) -> bool:
+        await asyncio.sleep(0)
+        self.calls.append(("teardown", alloc_id))
+        if alloc_id in self.fail_teardowns:
+            raise PortError(f"teardown of {alloc_id} failed (injected)")
+        return self.allocs.pop(alloc_id, None) is not None
+
+    async def get(self, alloc_id: str) -> AllocNetwork | None:
+        return self.allocs.get(alloc_id)
+
+
+class MemoryJobs:
+    """The store's job table and durability, in memory."""
+
+    def __init__(self) -> None:
+        self.docs: dict[str, str] = {}
+        self.writes = 0
+
+    def load_jobs(self) -> dict[str, str]:
+        return dict(self.docs)
+
+    async def put_job(self, ident: str, data: str | None) -> None:
+        self.writes += 1
+        if data is None:
+            self.docs.pop(ident, None)
+        else:
+            self.docs[ident] = data
+
+    async def durable(self, index: int) -> None:
+        return None
+
+
+def spec(
+    job_id: str = "web", count: int = 3, tag: str = "v1", static: int | None = None
+) -> JobSpec:
+    ports: dict[str, Any] = {"DynamicPorts": [{"Label": "http"}]}
+    if static is not None:
+        ports = {"ReservedPorts": [{"Label": "http", "Value": static}]}
+    return parse_job(
+        {
+            "Job": {
+                "ID": job_id,
+                "TaskGroups": [
+                    {
+                        "Name": "g",
+                        "Count": count,
+                        "Networks": [ports],
+                        "Services": [
+                            {
+                                "Name": job_id,
+                                "PortLabel": "http",
+                                "Tags": [tag],
+                                "Checks": [{"Type": "ttl", "TTL": "10s"}],
+                            }
+                        ],
+                    }
+                ],
+            }
+        }
+    )
+
+
+def runner(
+    net: FakeNetwork | None = None,
+    store: MemoryJobs | None = None,
+    registry: Registry | None = None,
+) -> tuple[JobRunner, FakeNetwork, MemoryJobs, Registry]:
+    net = net or FakeNetwork()
+    store = store or MemoryJobs()
+    registry = registry or Registry(NODE, index=1)
+
+    async def opener() -> FakeNetwork:
+        return net
+
+    return JobRunner(registry, store, opener, NODE.name), net, store, registry
+
+
+def job_instances(registry: Registry) -> list[str]:
+    return sorted(i.id for i in registry.snapshot.instances.values() if i.source == SOURCE)
+
+
+async def test_run_sets_up_every_allocation_and_registers_in_one_batch() -> None:
+    jobs, net, store, registry = runner()
+    published: list[int] = []
+    registry.subscribe(lambda snap, _keys: published.append(snap.index))
+    job, changed = await jobs.run(spec())
+    assert changed
+    assert len(job.allocs) == 3 and len(net.allocs) == 3
+    assert len(published) == 1  # one batch: every instance at once
+    snap = registry.snapshot
+    ports = sorted(i.port for i in snap.service("web"))
+    assert ports == sorted(a.network.port("http").host_port for a in job.allocs)
+    assert set(snap.allocs) == {a.plan.id for a in job.allocs}
+    assert json.loads(store.docs["web"])["Retiring"] == []
+
+
+async def test_a_failing_setup_tears_down_the_others_and_registers_nothing() -> None:
+    jobs, net, store, registry = runner()
+    net.fail_setups = {3}
+    with pytest.raises(JobFailed) as caught:
+        await jobs.run(spec())
+    assert isinstance(caught.value.cause, PortError)
+    assert net.allocs == {}
+    assert [c[0] for c in net.calls] == ["setup", "setup", "setup", "teardown", "teardown"]
+    assert job_instances(registry) == [] and registry.snapshot.allocs == {}
+    assert store.docs == {} and "web" not in jobs.jobs
+
+
+async def test_the_same_spec_again_is_a_no_op() -> None:
+    jobs, net, store, _ = runner()
+    first, _ = await jobs.run(spec())
+    calls, writes = len(net.calls), store.writes
+    again, changed = await jobs.run(spec())
+    assert not changed and again == first
+    assert (len(net.calls), store.writes) == (calls, writes)
+
+
+async def test_a_changed_spec_replaces_new_first_then_old_down() -> None:
+    jobs, net, store, registry = runner()
+    old, _ = await jobs.run(spec(tag="v1"))
+    new, changed = await jobs.run(spec(tag="v2", count=2))
+    assert changed
+    old_ids = {a.plan.id for a in old.allocs}
+    assert set(net.allocs) == {a.plan.id for a in new.allocs}
+    first_teardown = next(i for i, c in enumerate(net.calls) if c[0] == "teardown")
+    assert all(c[0] == "setup" for c in net.calls[:first_teardown])  # up before down
+    assert {c[1] for c in net.calls if c[0] == "teardown"} == old_ids
+    assert [i.tags for i in registry.snapshot.service("web")] == [("v2",), ("v2",)]
+    assert not old_ids & set(registry.snapshot.allocs)
+    assert json.loads(store.docs["web"])["Retiring"] == []
+
+
+async def test_a_failing_replacement_leaves_the_running_version() -> None:
+    jobs, net, _, registry = runner()
+    old, _ = await jobs.run(spec(tag="v1"))
+    before = registry.snapshot.instances
+    net.fail_setups = {5}  # the second setup of the new version
+    with pytest.raises(JobFailed):
+        await jobs.run(spec(tag="v2"))
+    assert jobs.jobs["web"] == old
+    assert registry.snapshot.instances == before
+    assert set(net.allocs) == {a.plan.id for a in old.allocs}
+
+
+async def test_stop_deregisters_then_tears_down_and_reports_errors() -> None:
+    jobs, net, store, registry = runner()
+    job, _ = await jobs.run(spec())
+    broken = job.allocs[0].plan.id
+    net.fail_teardowns = {broken}
+    errors = await jobs.stop("web")
+    assert len(errors) == 1 and broken in errors[0]
+    assert job_instances(registry) == [] and registry.snapshot.allocs == {}
+    assert store.docs == {} and jobs.jobs == {}
+    assert set(net.allocs) == {broken}  # the others are gone: teardown went past the error
+    with pytest.raises(NotFoundError):
+        await jobs.stop("web")
+
+
+async def test_a_restart_brings_jobs_back_with_their_check_states() -> None:
+    jobs, net, store, registry = runner()
+    job, _ = await jobs.run(spec())
+    check_id = job.allocs[0].instances[0].checks[0].id
+    registry.update_check(check_id, Health.PASSING, output="ok")
+    lost = job.allocs[1].plan.id
+    del net.allocs[lost]  # gone meanwhile (`waypost net down`): set up again
+    # A new runner over the restored registry (the store's instances) and the same store.
+    restored = Registry(NODE, index=registry.snapshot.index + 1)
+    restored.apply(
+        upserts=registry.snapshot.instances.values(), allocs=registry.snapshot.allocs.values()
+    )
+    again, _, _, _ = runner(net, store, restored)
+    await again.start()
+    back = again.jobs["web"]
+    assert back.spec == job.spec
+    assert [a.plan for a in back.allocs] == [a.plan for a in job.allocs]
+    assert lost in net.allocs
+    inst = restored.snapshot.instances[job.allocs[0].instances[0].id]
+    assert (inst.health, inst.checks[0].output) == (Health.PASSING, "ok")
+    assert len(job_instances(restored)) == 3
+
+
+async def test_start_drops_stale_job_instances_and_finishes_retiring() -> None:
+    jobs, net, store, registry = runner()
+    job, _ = await jobs.run(spec())
+    # A crash right after a replacement committed: an old allocation still retiring.
+    old_alloc = "00000000-0000-4000-8000-000000000000"
+    await net.setup(old_alloc, NetworkSpec())
+    doc = json.loads(store.docs["web"])
+    doc["Retiring"] = [old_alloc]
+    store.docs["web"] = json.dumps(doc)
+    stale = replace(job.allocs[0].instances[0], id="_nomad-task-gone", alloc_id="gone")
+    registry.upsert(stale)
+    again, _, _, _ = runner(net, store, registry)
+    await again.start()
+    assert old_alloc not in net.allocs
+    assert json.loads(store.docs["web"])["Retiring"] == []
+    assert "_nomad-task-gone" not in registry.snapshot.instances
+
+
+async def test_runs_are_serialized() -> None:
+    jobs, net, _, registry = runner()
+    await asyncio.gather(jobs.run(spec("a", count=2)), jobs.run(spec("b", count=2)))
+    owners = [jobs.alloc(c[1]) for c in net.calls]
+    order = [found[0].spec.id for found in owners if found is not None]
+    assert order in (["a", "a", "b", "b"], ["b", "b", "a", "a"])
+    assert len(job_instances(registry)) == 4
+
+
+async def test_documents_round_trip() -> None:
+    jobs, _, store, _ = runner()
+    job, _ = await jobs.run(spec())
+    parsed, plans, retiring = parse_doc(store.docs["web"])
+    assert parsed == job.spec and plans == tuple(a.plan for a in job.allocs) and retiring == ()
+
+
+def test_keep_check_state_only_touches_checks_of_the_same_id() -> None:
+    from discovery.model import CheckKind, make_check, make_instance
+
+    check = make_check(id="c1", name="c", kind=CheckKind.TTL, ttl=5)
+    fresh = make_instance(service="s", id="i", node="n", address="127.0.0.1", checks=[check])
+    old = replace(fresh, checks=(replace(check, status=Health.WARNING, output="slow"),))
+    kept = keep_check_state(fresh, old)
+    assert (kept.health, kept.checks[0].output) == (Health.WARNING, "slow")
+    other = replace(fresh, checks=(replace(check, id="c2", status=Health.PASSING),))
+    assert keep_check_state(fresh, other) == fresh
+    assert keep_check_state(fresh, None) == fresh
