@@ -1,0 +1,260 @@
+"""Jobs through the whole agent: HTTP on 127.0.0.1:0, DNS answers, restarts, bad input.
+
+The agent is the real one (:func:`discovery.agent.start_agent`) on a temporary
+data dir, its allocations in host mode on 127.0.0.1 (advertise_addr), which
+only reserves ports: no kernel object is made.  Bridge mode appears once, with
+the agent made to believe it is not root, and must change nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import dns.asyncquery
+import dns.message
+import dns.rcode
+import dns.rdatatype
+import pytest
+
+from discovery.agent import Agent, start_agent
+from discovery.config import AgentConfig, Endpoint, Overrides, parse_config
+from discovery.hclfile import parse_json
+from discovery.jobs import parse_job
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = json.loads((ROOT / "examples/web.job.json").read_text())
+TIMEOUT = 5.0
+WRITE_TOKEN = "write-token-123"
+
+
+def agent_config(data_dir: Path, **extra: Any) -> AgentConfig:
+    settings = {
+        "advertise_addr": "127.0.0.1",
+        "client": {"min_dynamic_port": 41000, "max_dynamic_port": 41999},
+        **extra,
+    }
+    overrides = Overrides(
+        data_dir=str(data_dir),
+        dns_addr=Endpoint("127.0.0.1", 0),
+        http_addr=Endpoint("127.0.0.1", 0),
+    )
+    return parse_config([parse_json(json.dumps(settings), "test.json")], overrides)
+
+
+@asynccontextmanager
+async def running(config: AgentConfig, jobs: list[Any] | None = None) -> AsyncIterator[Agent]:
+    agent = await start_agent(config, [parse_job(j) for j in jobs or []])
+    try:
+        yield agent
+    finally:
+        await agent.close()
+
+
+def link_exists(name: str) -> bool:
+    return Path("/sys/class/net", name).exists()
+
+
+def url(agent: Agent, path: str) -> str:
+    return f"http://{agent.http_endpoint}{path}"
+
+
+async def srv(agent: Agent, name: str) -> tuple[int, list[int]]:
+    query = dns.message.make_query(name, dns.rdatatype.SRV)
+    ep = agent.dns_endpoint
+    reply = await dns.asyncquery.udp(query, ep.host, port=ep.port, timeout=TIMEOUT)
+    ports = sorted(r.port for rrset in reply.answer for r in rrset)
+    return reply.rcode(), ports
+
+
+async def request(
+    http: aiohttp.ClientSession, method: str, target: str, **kw: Any
+) -> tuple[int, Any]:
+    async with http.request(
+        method, target, timeout=aiohttp.ClientTimeout(total=TIMEOUT), **kw
+    ) as r:
+        return r.status, await r.json()
+
+
+async def test_post_the_example_job_see_it_in_dns_and_delete_it(tmp_path: Path) -> None:
+    async with running(agent_config(tmp_path)) as agent, aiohttp.ClientSession() as http:
+        status, body = await request(http, "POST", url(agent, "/v1/jobs"), json=EXAMPLE)
+        assert status == 200 and body["JobModifyIndex"] > 0
+        status, allocs = await request(http, "GET", url(agent, "/v1/allocations"))
+        assert status == 200
+        assert sorted(a["Name"] for a in allocs) == [f"web.web[{i}]" for i in range(3)]
+        assert {a["JobID"] for a in allocs} == {"web"}
+        ports = []
+        for stub in allocs:
+            status, alloc = await request(http, "GET", url(agent, f"/v1/allocation/{stub['ID']}"))
+            assert status == 200
+            (port,) = alloc["AllocatedResources"]["Shared"]["Ports"]
+            assert (port["Label"], port["HostIP"]) == ("http", "127.0.0.1")
+            assert 41000 <= port["Value"] <= 41999
+            env = alloc["Env"]
+            assert env["NOMAD_PORT_http"] == str(port["Value"])
+            assert env["NOMAD_ADDR_http"] == f"127.0.0.1:{port['Value']}"
+            assert env["NOMAD_ALLOC_ID"] == stub["ID"]
+            assert alloc["Network"]["Mode"] == "host"
+            ports.append(port["Value"])
+        rcode, answered = await srv(agent, "web.service.nomad.")
+        assert rcode == dns.rcode.NOERROR and answered == sorted(ports)
+        status, services = await request(http, "GET", url(agent, "/v1/service/web"))
+        assert {s["AllocID"] for s in services} == {a["ID"] for a in allocs}
+
+        status, _ = await request(http, "DELETE", url(agent, "/v1/job/web"))
+        assert status == 200
+        rcode, answered = await srv(agent, "web.service.nomad.")
+        assert rcode == dns.rcode.NXDOMAIN and answered == []
+        status, allocs = await request(http, "GET", url(agent, "/v1/allocations"))
+        assert allocs == []
+        status, jobs = await request(http, "GET", url(agent, "/v1/jobs"))
+        assert jobs == []
+
+
+async def test_a_restart_on_the_same_data_dir_brings_the_job_back(tmp_path: Path) -> None:
+    config = agent_config(tmp_path)
+    async with running(config) as agent, aiohttp.ClientSession() as http:
+        status, _ = await request(http, "PUT", url(agent, "/v1/jobs"), json=EXAMPLE)
+        assert status == 200
+        _, before = await srv(agent, "web.service.nomad.")
+        _, allocs_before = await request(http, "GET", url(agent, "/v1/allocations"))
+    async with running(config) as agent, aiohttp.ClientSession() as http:
+        rcode, after = await srv(agent, "web.service.nomad.")
+        assert rcode == dns.rcode.NOERROR and after == before and len(after) == 3
+        _, allocs_after = await request(http, "GET", url(agent, "/v1/allocations"))
+        assert sorted(a["ID"] for a in allocs_after) == sorted(a["ID"] for a in allocs_before)
+        status, job = await request(http, "GET", url(agent, "/v1/job/web"))
+        assert status == 200 and job["TaskGroups"][0]["Count"] == 3
+        # Posting the same job again changes nothing.
+        status, body = await request(http, "POST", url(agent, "/v1/jobs"), json=EXAMPLE)
+        assert status == 200 and body["Warnings"] == "job unchanged"
+        assert (await srv(agent, "web.service.nomad."))[1] == before
+
+
+async def test_job_files_at_start_are_idempotent_across_restarts(tmp_path: Path) -> None:
+    config = agent_config(tmp_path)
+    async with running(config, [EXAMPLE]) as agent:
+        _, first = await srv(agent, "web.service.nomad.")
+    async with running(config, [EXAMPLE]) as agent:
+        _, second = await srv(agent, "web.service.nomad.")
+        assert len(agent.jobs.jobs["web"].allocs) == 3
+    assert first == second and len(first) == 3
+
+
+BAD_BODIES = [
+    (b"{not json", "body"),
+    (b"", "body"),
+    (json.dumps({"Job": {"TaskGroups": [{"Name": "g"}]}}).encode(), "Job.ID"),
+    (
+        json.dumps(
+            {"Job": {"ID": "web", "TaskGroups": [{"Name": "g", "Count": "three"}]}}
+        ).encode(),
+        "Job.TaskGroups[0].Count",
+    ),
+    (
+        json.dumps(
+            {
+                "Job": {
+                    "ID": "web",
+                    "TaskGroups": [
+                        {"Name": "g", "Networks": [{"DynamicPorts": [{"Label": "a b"}]}]}
+                    ],
+                }
+            }
+        ).encode(),
+        "Job.TaskGroups[0].Networks[0].DynamicPorts[0].Label",
+    ),
+]
+
+
+@pytest.mark.parametrize(("body", "field"), BAD_BODIES, ids=[f for _, f in BAD_BODIES])
+async def test_bad_input_is_a_400_naming_the_field_and_changes_nothing(
+    tmp_path: Path, body: bytes, field: str
+) -> None:
+    async with running(agent_config(tmp_path), [EXAMPLE]) as agent, aiohttp.ClientSession() as http:
+        before = agent.registry.snapshot.index
+        status, error = await request(http, "POST", url(agent, "/v1/jobs"), data=body)
+        assert status == 400 and error["field"] == field
+        assert agent.registry.snapshot.index == before
+        assert list(agent.jobs.jobs) == ["web"]
+
+
+async def test_unknown_ids_are_404(tmp_path: Path) -> None:
+    async with running(agent_config(tmp_path)) as agent, aiohttp.ClientSession() as http:
+        for method, path in [
+            ("GET", "/v1/job/nope"),
+            ("GET", "/v1/job/nope/allocations"),
+            ("DELETE", "/v1/job/nope"),
+            ("GET", "/v1/allocation/00000000-0000-4000-8000-000000000000"),
+        ]:
+            status, error = await request(http, method, url(agent, path))
+            assert status == 404, (method, path)
+            assert "not found" in error["error"]
+
+
+async def test_a_static_port_taken_by_another_job_is_a_409_and_nothing_is_left(
+    tmp_path: Path,
+) -> None:
+    def static_job(job_id: str) -> dict[str, Any]:
+        group = {"Name": "g", "Networks": [{"ReservedPorts": [{"Label": "p", "Value": 41500}]}]}
+        return {"Job": {"ID": job_id, "TaskGroups": [group]}}
+
+    async with running(agent_config(tmp_path)) as agent, aiohttp.ClientSession() as http:
+        status, _ = await request(http, "POST", url(agent, "/v1/jobs"), json=static_job("one"))
+        assert status == 200
+        status, error = await request(http, "POST", url(agent, "/v1/jobs"), json=static_job("two"))
+        assert status == 409 and "41500" in error["error"]
+        _, allocs = await request(http, "GET", url(agent, "/v1/allocations"))
+        assert [a["JobID"] for a in allocs] == ["one"]
+
+
+async def test_writes_need_a_write_token_when_acls_are_on(tmp_path: Path) -> None:
+    acl = {"enabled": True, "default_policy": "read", "tokens": {WRITE_TOKEN: "write"}}
+    async with running(agent_config(tmp_path, acl=acl)) as agent, aiohttp.ClientSession() as http:
+        status, _ = await request(http, "POST", url(agent, "/v1/jobs"), json=EXAMPLE)
+        assert status == 403 and agent.jobs.jobs == {}
+        headers = {"X-Nomad-Token": WRITE_TOKEN}
+        status, _ = await request(
+            http, "POST", url(agent, "/v1/jobs"), json=EXAMPLE, headers=headers
+        )
+        assert status == 200
+        status, _ = await request(http, "DELETE", url(agent, "/v1/job/web"))
+        assert status == 403 and "web" in agent.jobs.jobs
+        status, _ = await request(http, "GET", url(agent, "/v1/jobs"))
+        assert status == 200
+
+
+async def test_bridge_mode_without_root_says_so_and_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # netsetup checks the effective uid before it touches anything (NetworkManager._ensure_base).
+    monkeypatch.setattr(os, "geteuid", lambda: 65534)
+    bridge = {
+        "Job": {
+            "ID": "b",
+            "TaskGroups": [
+                {"Name": "g", "Networks": [{"Mode": "bridge", "DynamicPorts": [{"Label": "p"}]}]}
+            ],
+        }
+    }
+    config = agent_config(
+        # A bridge name of the test's own: were it made by mistake, it would be ours to find.
+        tmp_path,
+        client={
+            "bridge_network_name": "wptestnone",
+            "min_dynamic_port": 41000,
+            "max_dynamic_port": 41999,
+        },
+    )
+    async with running(config) as agent, aiohttp.ClientSession() as http:
+        before = agent.registry.snapshot.index
+        status, error = await request(http, "POST", url(agent, "/v1/jobs"), json=bridge)
+        assert status == 500 and "needs root" in error["error"]
+        assert agent.registry.snapshot.index == before and agent.jobs.jobs == {}
+    assert not link_exists("wptestnone")
