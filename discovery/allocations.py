@@ -159,8 +159,16 @@ class JobRunner:
     """The agent's jobs.  `await start()` once; then run / stop / read."""
 
     def __init__(
-        self, registry: Registry, store: JobStore, open_network: NetworkOpener, node: str
+        self,
+        registry: Registry,
+        store: JobStore,
+        open_network: NetworkOpener,
+        node: str,
+        *,
+        new_id: Callable[[], str] | None = None,
     ) -> None:
+        """`new_id` makes allocation ids (default uuid4; root tests give them their prefix)."""
+        self._new_id = new_id
         self._registry = registry
         self._store = store
         self._open_network = open_network
@@ -202,7 +210,8 @@ class JobRunner:
             if old is not None and old.spec == spec:
                 return old, False
             network = await self._net()
-            allocs = await self._setup_all(network, spec, plan_allocs(spec))
+            plans = plan_allocs(spec) if self._new_id is None else plan_allocs(spec, self._new_id)
+            allocs = await self._setup_all(network, spec, plans)
             job = RunningJob(spec, allocs)
             retiring = [a.plan.id for a in old.allocs] if old is not None else []
             try:
