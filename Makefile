@@ -12,9 +12,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-## run: start the agent with the example services on embedded defaults
+## run: start the agent with the example services and the example job (host mode: no root needed)
 run: $(STAMP)
-	$(BIN)/waypost agent --dev --config examples/services.hcl
+	$(BIN)/waypost agent --dev --config examples/services.hcl --job examples/web.job.json
 
 ## test: install what the tests need (apt packages when root), then every check
 test: system-deps $(STAMP)
