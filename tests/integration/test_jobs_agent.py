@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -31,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = json.loads((ROOT / "examples/web.job.json").read_text())
 TIMEOUT = 5.0
 WRITE_TOKEN = "write-token-123"
+STATIC_LOW = 30000  # static ports for the tests: below Linux's ephemeral range (32768-60999)
 
 
 def agent_config(data_dir: Path, **extra: Any) -> AgentConfig:
@@ -54,6 +56,18 @@ async def running(config: AgentConfig, jobs: list[Any] | None = None) -> AsyncIt
         yield agent
     finally:
         await agent.close()
+
+
+def free_static_port() -> int:
+    """A port free on 127.0.0.1 now, below the ephemeral range (only explicit binds use it)."""
+    for port in range(STATIC_LOW, STATIC_LOW + 1000):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port to use as a static port")
 
 
 def link_exists(name: str) -> bool:
@@ -201,15 +215,17 @@ async def test_unknown_ids_are_404(tmp_path: Path) -> None:
 async def test_a_static_port_taken_by_another_job_is_a_409_and_nothing_is_left(
     tmp_path: Path,
 ) -> None:
+    port = free_static_port()
+
     def static_job(job_id: str) -> dict[str, Any]:
-        group = {"Name": "g", "Networks": [{"ReservedPorts": [{"Label": "p", "Value": 41500}]}]}
+        group = {"Name": "g", "Networks": [{"ReservedPorts": [{"Label": "p", "Value": port}]}]}
         return {"Job": {"ID": job_id, "TaskGroups": [group]}}
 
     async with running(agent_config(tmp_path)) as agent, aiohttp.ClientSession() as http:
         status, _ = await request(http, "POST", url(agent, "/v1/jobs"), json=static_job("one"))
         assert status == 200
         status, error = await request(http, "POST", url(agent, "/v1/jobs"), json=static_job("two"))
-        assert status == 409 and "41500" in error["error"]
+        assert status == 409 and str(port) in error["error"]
         _, allocs = await request(http, "GET", url(agent, "/v1/allocations"))
         assert [a["JobID"] for a in allocs] == ["one"]
 
