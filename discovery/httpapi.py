@@ -24,9 +24,16 @@ and does, for every route, what the endpoint modules must not care about:
   exception is logged and answered 500, and the server keeps serving.
 - streams (:class:`StreamRoute`): a handler that writes chunks for as long as
   it likes (the event stream), cancelled when the server closes.
+- the fast path: each connection is a :class:`_Connection` that frames
+  requests itself; a plain ``GET`` of a target whose whole response (status
+  line, headers, body) is cached for the current snapshot is answered with
+  one write, counted and logged as aiohttp would have; every other request
+  goes, in order, to aiohttp's own protocol on that connection.  aiohttp's
+  per-request cost (request object, routing, middleware, Response) is ~3/4 of
+  a cached lookup's, hence this (tests/bench/README.md, HTTP section).
 
 Counters for metrics are in :class:`HttpStats` (requests by method, route and
-status; the number of blocked requests).
+status, and how many the fast path answered; the number of blocked requests).
 """
 
 from __future__ import annotations
@@ -36,13 +43,19 @@ import dataclasses
 import json
 import logging
 import random
+import re
+import socket
+import time
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http import SERVER_SOFTWARE
 
 from discovery.acl import Access, AclSettings, allowed
 from discovery.api import ApiContext, ApiError, ApiRequest, ApiResponse, Route
@@ -64,6 +77,12 @@ CACHE_BYTES = 64 << 20  # and at most this many bytes of them
 LISTEN_BACKLOG = 4096
 SHUTDOWN_GRACE = 2.0  # seconds for in-flight requests when the server closes
 TOKEN_HEADERS = ("X-Consul-Token", "X-Nomad-Token")
+# The fast path (_Connection) frames requests itself up to these sizes; beyond them
+# (and for anything unusual) aiohttp frames and judges the connection's requests.
+KEEPALIVE_TIMEOUT = 75.0  # seconds an idle connection stays open: aiohttp's default
+MAX_HEAD = 8190  # bytes of a request head (aiohttp's limit for one line)
+MAX_FIELDS = 32  # header fields (aiohttp refuses over 128)
+MAX_FRAMED_BODY = 64 << 10  # bytes; larger bodies (writes, up to MAX_BODY) stream to aiohttp
 BLOCKING_PARAMS = frozenset({"index", "wait"})
 UNMATCHED = "<unmatched>"  # the route label of requests no route matched
 # Consul clients (py-consul, consul-template) read these; a single agent is its own leader.
@@ -98,6 +117,7 @@ class HttpStats:
 
     def __init__(self) -> None:
         self.requests: Counter[tuple[str, str, int]] = Counter()  # (method, route, status)
+        self.fast = 0  # of those, answered by the fast path (whole cached responses)
         self.waiters = Waiters()
 
     @property
@@ -138,13 +158,83 @@ class _BodyCache:
             self._bytes -= len(dropped.body)
 
 
+@dataclass(frozen=True, slots=True)
+class _Wire:
+    """A cached read's whole HTTP/1.1 response, split around its Date field."""
+
+    index: int  # the snapshot index it answers for
+    access: Access
+    path: str  # for the access log (never the query)
+    label: tuple[str, str, int]  # HttpStats.requests key
+    before_date: bytes  # status line and fields up to "Date: "
+    after_date: bytes  # the rest of the fields, the blank line and the body
+
+
+def render_wire(
+    index: int, access: Access, path: str, label: tuple[str, str, int], encoded: _Encoded
+) -> _Wire | None:
+    """The response aiohttp writes for `encoded` (same fields, same order); None if unusual."""
+    names = {name.lower() for name in encoded.headers}
+    if names & {"content-length", "date", "server", "connection", "transfer-encoding"}:
+        return None
+    fields = "".join(f"{name}: {value}\r\n" for name, value in encoded.headers.items())
+    if fields.count("\r") != len(encoded.headers) or fields.count("\n") != len(encoded.headers):
+        return None  # a line break inside a name or value: aiohttp refuses to send it
+    status = f"HTTP/1.1 {encoded.status} {HTTPStatus(encoded.status).phrase}\r\n"
+    before = f"{status}{fields}Content-Length: {len(encoded.body)}\r\nDate: "
+    after = f"\r\nServer: {SERVER_SOFTWARE}\r\n\r\n"
+    return _Wire(index, access, path, label, before.encode(), after.encode() + encoded.body)
+
+
+class _WireCache:
+    """Whole responses of cached reads by raw target; first in, first out."""
+
+    def __init__(self) -> None:
+        self.entries: dict[bytes, _Wire] = {}
+        self._bytes = 0
+        self._second = 0
+        self._date = b""
+
+    def put(
+        self,
+        target: str,
+        path: str,
+        index: int,
+        access: Access,
+        label: tuple[str, str, int],
+        encoded: _Encoded,
+    ) -> None:
+        wire = render_wire(index, access, path, label, encoded)
+        if wire is None or len(wire.after_date) > CACHE_BYTES // 8:
+            return
+        key = target.encode("utf-8", "surrogateescape")  # aiohttp's decoding, undone
+        old = self.entries.pop(key, None)
+        if old is not None:
+            self._bytes -= len(old.after_date)
+        self.entries[key] = wire
+        self._bytes += len(wire.after_date)
+        while len(self.entries) > CACHE_ENTRIES or self._bytes > CACHE_BYTES:
+            dropped = self.entries.pop(next(iter(self.entries)))
+            self._bytes -= len(dropped.after_date)
+
+    def date(self) -> bytes:
+        """The Date field's value (RFC 9110 section 5.6.7), refreshed once a second."""
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            self._date = formatdate(now, usegmt=True).encode()
+        return self._date
+
+
 @dataclass(slots=True)
 class _State:
     ctx: ApiContext
     acl: AclSettings
     stats: HttpStats
     cache: _BodyCache = dataclasses.field(default_factory=_BodyCache)
+    wire: _WireCache = dataclasses.field(default_factory=_WireCache)
     streams: set[asyncio.Task[Any]] = dataclasses.field(default_factory=set)
+    connections: set[_Connection] = dataclasses.field(default_factory=set)
 
 
 STATE = web.AppKey("waypost_http", _State)
@@ -153,14 +243,22 @@ STATE = web.AppKey("waypost_http", _State)
 class HttpServer:
     """A running HTTP API.  `close()` stops it (blocked requests answer first)."""
 
-    def __init__(self, runner: web.AppRunner, host: str, port: int, stats: HttpStats) -> None:
+    def __init__(self, runner: web.AppRunner, listener: asyncio.Server, stats: HttpStats) -> None:
         self._runner = runner
-        self.host = host
-        self.port = port
+        self._listener = listener
+        bound = listener.sockets[0].getsockname()
+        self.host = str(bound[0])
+        self.port = int(bound[1])
         self.stats = stats
+        self._closed = False
 
     async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._listener.close()  # no new connections; the open ones close in _on_shutdown
         await self._runner.cleanup()
+        await self._listener.wait_closed()
 
 
 async def start_http(
@@ -191,17 +289,23 @@ async def start_http(
         access_log_class=_AccessLog,
         access_log=access_log,
         handler_cancellation=True,  # a client that hangs up stops its blocking query
+        keepalive_timeout=KEEPALIVE_TIMEOUT,
         shutdown_timeout=SHUTDOWN_GRACE,
     )
     await runner.setup()
+    server = runner.server
+    assert server is not None  # set by setup()
+    state = app[STATE]
     try:
-        site = web.TCPSite(runner, host, port, backlog=LISTEN_BACKLOG)
-        await site.start()
+        # Not a TCPSite: every connection starts as a _Connection, which hands aiohttp
+        # (server(), a RequestHandler per connection) what it does not answer itself.
+        listener = await asyncio.get_running_loop().create_server(
+            lambda: _Connection(server, state), host, port, backlog=LISTEN_BACKLOG
+        )
     except BaseException:
         await runner.cleanup()
         raise
-    bound = runner.addresses[0]
-    return HttpServer(runner, str(bound[0]), int(bound[1]), stats)
+    return HttpServer(runner, listener, stats)
 
 
 async def _on_shutdown(app: web.Application) -> None:
@@ -209,6 +313,8 @@ async def _on_shutdown(app: web.Application) -> None:
     state.stats.waiters.close()  # blocked reads answer now with what they have
     for task in list(state.streams):
         task.cancel()
+    for connection in list(state.connections):
+        connection.close_if_fast()  # aiohttp's shutdown closes the ones it serves
 
 
 # -- requests ---------------------------------------------------------------------------
@@ -268,6 +374,11 @@ def _route_handler(route: Route) -> Handler:
         encoded = await _read(state, route, req)
         if quick is not None and quick[-1] == state.ctx.registry.snapshot.index:
             state.cache.put(quick, encoded)
+            if request.method == "GET":
+                label = (request.method, _route_label(request), encoded.status)
+                state.wire.put(
+                    request.raw_path, request.path, quick[-1], route.access, label, encoded
+                )
         return _respond(encoded)
 
     return handle
@@ -447,3 +558,235 @@ class _AccessLog(AbstractAccessLogger):
     @property
     def enabled(self) -> bool:
         return self.logger.isEnabledFor(logging.DEBUG)
+
+
+# -- the fast path: cached reads answered from their whole response -------------------------
+
+HEAD_END = b"\r\n\r\n"
+# RFC 9112 section 3 (request-line) and section 5 (field-line), origin-form targets only;
+# anything else is not "plain" and aiohttp frames it (and answers 400 if it must).
+_TCHAR = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_REQUEST_LINE = re.compile(rb"(" + _TCHAR + rb") (/[!-~]*) HTTP/1\.([01])")
+_FIELD_LINE = re.compile(rb"(" + _TCHAR + rb"):[ \t]*([\t -~\x80-\xff]*?)[ \t]*")
+# Fields that change how a message is framed or answered before its body is read, or
+# that aiohttp refuses (Sec-WebSocket-Key1: the old WebSocket draft).
+_UNFRAMED_FIELDS = frozenset({b"transfer-encoding", b"expect", b"upgrade", b"sec-websocket-key1"})
+_TOKEN_FIELDS = tuple(name.lower().encode() for name in TOKEN_HEADERS)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestHead:
+    """The request line and fields of one plain HTTP/1.x request."""
+
+    method: bytes
+    target: bytes  # origin-form, raw (percent-encoded, query included)
+    minor: int  # HTTP/1.<minor>
+    fields: Mapping[bytes, bytes]  # lowercased name -> value
+    body: int  # Content-Length (0 without one)
+
+
+def parse_head(head: bytes) -> RequestHead | None:
+    """A request head (without its blank line); None unless it is plain and framed by length.
+
+    Plain: origin-form target, at most MAX_FIELDS valid field lines, no name
+    twice, a Content-Length of at most MAX_FRAMED_BODY if any, none of
+    _UNFRAMED_FIELDS.  Pure.
+    """
+    line, _, rest = head.partition(b"\r\n")
+    request = _REQUEST_LINE.fullmatch(line)
+    if request is None or request[1] == b"CONNECT":
+        return None
+    fields: dict[bytes, bytes] = {}
+    lines = rest.split(b"\r\n") if rest else ()
+    if len(lines) > MAX_FIELDS:
+        return None
+    for field in lines:
+        match = _FIELD_LINE.fullmatch(field)
+        if match is None:
+            return None
+        name = match[1].lower()
+        if name in _UNFRAMED_FIELDS or name in fields:
+            return None
+        fields[name] = match[2]
+    length = fields.get(b"content-length", b"0")
+    if not length.isdigit() or int(length) > MAX_FRAMED_BODY:
+        return None
+    return RequestHead(request[1], request[2], int(request[3]), fields, int(length))
+
+
+def parse_token(head: RequestHead) -> str | None:
+    """:func:`request_token` from a head's fields (a query's `token` is not looked for)."""
+    for name in _TOKEN_FIELDS:
+        value = head.fields.get(name, b"").strip()
+        if value:
+            return value.decode("utf-8", "surrogateescape")  # as aiohttp
+    scheme, _, credentials = head.fields.get(b"authorization", b"").strip().partition(b" ")
+    if scheme.lower() == b"bearer" and credentials.strip():
+        return credentials.strip().decode("utf-8", "surrogateescape")
+    return None
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: cached GETs answered here, everything else by aiohttp.
+
+    Requests are framed here (head, then Content-Length bytes).  A request is
+    answered here only when aiohttp holds nothing of this connection (its
+    handler, if it has one yet, waits for a request: so responses stay in
+    order) and writing is not paused; otherwise the whole request goes to
+    aiohttp's handler, created on the first such request.  A request that is
+    not plain (see :func:`parse_head`) makes the connection aiohttp's for good.
+
+    Error handling: nothing here raises to the loop; what cannot be answered
+    here is aiohttp's to answer (400, 413...).  Idle connections close after
+    KEEPALIVE_TIMEOUT, as aiohttp's do.
+    """
+
+    def __init__(self, server: web.Server, state: _State) -> None:
+        self._server = server
+        self._state = state
+        self._transport: asyncio.Transport | None = None
+        self._handler: web.RequestHandler | None = None
+        self._buffer = b""
+        self._through = False  # everything goes to aiohttp from now on
+        self._handed = False  # aiohttp was handed a request since our last answer
+        self._paused = False
+        self._active = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport = cast(asyncio.Transport, transport)  # uvloop's: not a subclass
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)  # as aiohttp does
+        self._state.connections.add(self)
+        self._active = asyncio.get_running_loop().time()
+        self._start_timer()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._state.connections.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._handler is not None:
+            self._handler.connection_lost(exc)
+
+    def eof_received(self) -> None:
+        if self._handler is not None:
+            self._handler.eof_received()  # None: the transport closes, as without us
+
+    def pause_writing(self) -> None:
+        self._paused = True
+        if self._handler is not None:
+            self._handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self._handler is not None:
+            self._handler.resume_writing()
+
+    def close_if_fast(self) -> None:
+        """Close the connection if aiohttp does not serve it (the server is closing)."""
+        if self._handler is None and self._transport is not None:
+            self._transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self._through:
+            self._hand_over(data)
+            return
+        self._active = asyncio.get_running_loop().time()
+        buffer = self._buffer + data if self._buffer else data
+        while buffer:
+            end = buffer.find(HEAD_END)
+            if end < 0:
+                if len(buffer) > MAX_HEAD or b"\n\n" in buffer or b"\n\r\n" in buffer:
+                    break  # too long, or lines ended by LF alone: aiohttp's to judge
+                self._buffer = buffer
+                return
+            head = parse_head(buffer[:end]) if end <= MAX_HEAD else None
+            if head is None:
+                break  # not plain: this and all that follows is aiohttp's
+            size = end + len(HEAD_END) + head.body
+            if len(buffer) < size:
+                self._buffer = buffer
+                return
+            if not self._answer(head):
+                self._hand_over(buffer[:size])
+            buffer = buffer[size:]
+        else:
+            self._buffer = b""
+            return
+        self._buffer = b""
+        self._through = True
+        self._hand_over(buffer)
+
+    def _answer(self, head: RequestHead) -> bool:
+        """Answer a cached read here (True), or leave the request to aiohttp (False)."""
+        transport = self._transport
+        if head.method != b"GET" or head.minor != 1 or head.body or self._paused:
+            return False
+        if b"host" not in head.fields:
+            return False  # aiohttp answers 400: HTTP/1.1 requires it (RFC 9112 section 3.2)
+        state = self._state
+        wire = state.wire.entries.get(head.target)
+        if wire is None or wire.index != state.ctx.registry.snapshot.index:
+            return False
+        connection = head.fields.get(b"connection")
+        if connection is not None and connection.lower() != b"keep-alive":
+            return False
+        if state.acl.enabled and wire.access is not Access.NONE:
+            token = parse_token(head)
+            if token is None and b"token=" in head.target:
+                return False  # perhaps in the query: aiohttp parses that
+            if not allowed(state.acl, token, wire.access):
+                return False  # aiohttp answers 403, counts it and logs it
+        if not self._handler_idle() or transport is None or transport.is_closing():
+            return False
+        if self._handed:  # the connection's idle time is ours to watch again
+            self._handed = False
+            assert self._handler is not None
+            self._handler.keep_alive(True)  # cancels aiohttp's keep-alive timer
+            self._start_timer()
+        transport.write(wire.before_date + state.wire.date() + wire.after_date)
+        state.stats.requests[wire.label] += 1
+        state.stats.fast += 1
+        if access_log.isEnabledFor(logging.DEBUG):  # _AccessLog's line; no time measured
+            access_log.debug("GET %s %d %.1fms", wire.path, wire.label[2], 0.0)
+        return True
+
+    def _handler_idle(self) -> bool:
+        """Whether aiohttp holds no request of this connection (its loop awaits the next)."""
+        if self._handler is None:
+            return True
+        waiter = getattr(self._handler, "_waiter", None)  # aiohttp 3.x; absent: never idle
+        return isinstance(waiter, asyncio.Future) and not waiter.done()
+
+    def _hand_over(self, data: bytes) -> None:
+        if self._handler is None:
+            transport = self._transport
+            if transport is None or transport.is_closing():
+                return
+            self._handler = self._server()
+            self._handler.connection_made(transport)
+            if self._paused:
+                self._handler.pause_writing()
+        self._handed = True
+        if self._timer is not None:  # aiohttp's keep-alive timer takes over
+            self._timer.cancel()
+            self._timer = None
+        if data:
+            self._handler.data_received(data)
+
+    def _start_timer(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_at(self._active + KEEPALIVE_TIMEOUT, self._check_idle)
+
+    def _check_idle(self) -> None:
+        """Close the connection KEEPALIVE_TIMEOUT after its last bytes (aiohttp holds none)."""
+        self._timer = None
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        due = self._active + KEEPALIVE_TIMEOUT
+        if due <= asyncio.get_running_loop().time():
+            transport.close()
+        else:
+            self._start_timer()

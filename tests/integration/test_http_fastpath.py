@@ -1,0 +1,341 @@
+"""The lookup fast path (discovery.httpapi._Connection) on a real server, raw sockets and aiohttp.
+
+A cached read is answered with its whole response from the wire cache; these
+tests hold that it says byte for byte what aiohttp says (Date aside), that it
+is counted, refused without a token when ACLs are on, never stale, never
+ahead of a request aiohttp is still answering on the same connection, and
+that everything it does not answer still works (blocking queries, writes,
+Connection: close, HTTP/1.0, chunked bodies).  `HttpStats.fast` tells which
+requests it answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+import uvloop
+
+from discovery import httpapi
+from discovery.acl import AclSettings
+from discovery.model import Instance, make_instance
+from tests.integration.http_fixtures import LOCAL_NODE, RunningApi, running_api
+
+DEADLINE = 5.0  # seconds for anything that should take milliseconds on loopback
+LOOKUP = "/v1/health/service/web?passing"
+ROUTE = ("GET", "/v1/health/service/{name}", 200)
+READ_TOKEN = "read-secret-00001"
+DATE = re.compile(rb"\r\nDate: [^\r]*\r\n")
+
+
+def inst(service: str, ident: str, port: int = 80) -> Instance:
+    return make_instance(
+        service=service, id=ident, port=port, node=LOCAL_NODE.name, address="127.0.0.1"
+    )
+
+
+class Raw:
+    """One keep-alive connection: raw requests out, (head, body) responses back."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    def send(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    async def response(self) -> tuple[bytes, bytes]:
+        async with asyncio.timeout(DEADLINE):
+            head = await self.reader.readuntil(b"\r\n\r\n")
+            length = int(re.search(rb"\r\nContent-Length: (\d+)", head)[1])  # type: ignore[index]
+            return head, await self.reader.readexactly(length)
+
+    async def get(self, target: str, fields: str = "") -> tuple[bytes, bytes]:
+        self.send(f"GET {target} HTTP/1.1\r\nHost: t\r\n{fields}\r\n".encode())
+        return await self.response()
+
+    async def closed(self) -> bool:
+        """True when the server closes the connection (within DEADLINE)."""
+        async with asyncio.timeout(DEADLINE):
+            return await self.reader.read(1) == b""
+
+
+async def connect(api: RunningApi) -> Raw:
+    reader, writer = await asyncio.open_connection(api.server.host, api.server.port)
+    return Raw(reader, writer)
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[RunningApi]:
+    async with running_api(instances=[inst("web", "web-1"), inst("web", "web-2")]) as running:
+        yield running
+
+
+@pytest.fixture
+async def raw(api: RunningApi) -> AsyncIterator[Raw]:
+    conn = await connect(api)
+    try:
+        yield conn
+    finally:
+        conn.writer.close()
+        await conn.writer.wait_closed()
+
+
+def status(head: bytes) -> int:
+    return int(head.split(b" ", 2)[1])
+
+
+async def test_a_cached_read_is_answered_fast_with_aiohttps_bytes(
+    api: RunningApi, raw: Raw
+) -> None:
+    slow = await raw.get(LOOKUP)
+    assert api.server.stats.fast == 0
+    fast = await raw.get(LOOKUP)
+    assert api.server.stats.fast == 1
+    assert DATE.sub(b"\r\nDate: -\r\n", fast[0]) == DATE.sub(b"\r\nDate: -\r\n", slow[0])
+    assert fast[1] == slow[1]
+    assert [i["Service"]["ID"] for i in json.loads(fast[1])] == ["web-1", "web-2"]
+    for field in (b"X-Consul-Index: ", b"X-Nomad-Index: ", b"X-Consul-KnownLeader: true"):
+        assert field in fast[0]
+    assert b"Content-Type: application/json\r\n" in fast[0]
+    assert api.server.stats.requests[ROUTE] == 2  # counted as aiohttp's are
+
+
+async def test_fast_answers_are_counted_exactly(api: RunningApi, raw: Raw) -> None:
+    for _ in range(20):
+        head, _ = await raw.get(LOOKUP, "Connection: keep-alive\r\n")
+        assert status(head) == 200
+    assert api.server.stats.requests[ROUTE] == 20
+    assert api.server.stats.fast == 19
+
+
+async def test_a_change_is_never_answered_stale(api: RunningApi, raw: Raw) -> None:
+    await raw.get(LOOKUP)
+    before = await raw.get(LOOKUP)
+    api.registry.apply(upserts=[inst("web", "web-3")])
+    after = await raw.get(LOOKUP)
+    assert [i["Service"]["ID"] for i in json.loads(after[1])] == ["web-1", "web-2", "web-3"]
+    index = re.compile(rb"X-Consul-Index: (\d+)")
+    assert int(index.search(after[0])[1]) > int(index.search(before[0])[1])  # type: ignore[index]
+    assert api.server.stats.fast == 1  # the first after the change was aiohttp's again
+    await raw.get(LOOKUP)
+    assert api.server.stats.fast == 2
+
+
+async def test_each_query_is_its_own_entry(api: RunningApi, raw: Raw) -> None:
+    for target, wanted in (
+        ("/v1/health/service/web?pretty", 2),
+        ("/v1/health/service/web?tag=x", 0),
+    ):
+        first = await raw.get(target)
+        second = await raw.get(target)
+        assert second[1] == first[1]
+        assert len(json.loads(second[1])) == wanted
+    assert b"\n    " in (await raw.get("/v1/health/service/web?pretty"))[1]
+    assert api.server.stats.fast == 3
+
+
+async def test_acl_refuses_a_token_less_request_of_a_cached_read() -> None:
+    acl = AclSettings(enabled=True, tokens={READ_TOKEN: "read"})
+    async with running_api(instances=[inst("web", "web-1")], acl=acl) as api:
+        conn = await connect(api)
+        try:
+            token = f"X-Consul-Token: {READ_TOKEN}\r\n"
+            assert status((await conn.get(LOOKUP, token))[0]) == 200
+            assert status((await conn.get(LOOKUP, token))[0]) == 200
+            assert api.server.stats.fast == 1
+            for fields in (
+                "",
+                "X-Consul-Token: wrong-secret-000\r\n",
+                "Authorization: Basic x\r\n",
+            ):
+                head, body = await conn.get(LOOKUP, fields)
+                assert status(head) == 403, fields
+                assert json.loads(body) == {"error": "Permission denied"}
+            bearer = f"Authorization: Bearer {READ_TOKEN}\r\n"
+            assert status((await conn.get(LOOKUP, bearer))[0]) == 200
+            assert status((await conn.get(LOOKUP, f"X-Nomad-Token: {READ_TOKEN}\r\n"))[0]) == 200
+            assert api.server.stats.fast == 3
+            # In the query: aiohttp parses it (not the fast path), and it still works.
+            in_query = f"/v1/health/service/web?passing&token={READ_TOKEN}"
+            for _ in range(2):
+                assert status((await conn.get(in_query))[0]) == 200
+            assert status((await conn.get(LOOKUP + "&token=wrong-secret-000"))[0]) == 403
+            assert api.server.stats.fast == 3
+            assert api.server.stats.requests["GET", "/v1/health/service/{name}", 403] == 4
+        finally:
+            conn.writer.close()
+            await conn.writer.wait_closed()
+
+
+async def test_a_pipelined_read_waits_for_the_blocking_query_before_it(
+    api: RunningApi, raw: Raw
+) -> None:
+    await raw.get(LOOKUP)  # cached now
+    index = api.registry.snapshot.index
+    blocking = f"/v1/catalog/services?index={index}&wait=300ms"
+    started = time.monotonic()
+    raw.send(f"GET {blocking} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+    raw.send(f"GET {LOOKUP} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+    first = await raw.response()
+    assert time.monotonic() - started >= 0.3
+    assert json.loads(first[1]) == {"web": []}  # the blocking query's answer comes first
+    second = await raw.response()
+    assert len(json.loads(second[1])) == 2
+    assert api.server.stats.fast == 0  # aiohttp held a request: it answered both
+    await raw.get(LOOKUP)
+    assert api.server.stats.fast == 1  # and the connection is fast again
+
+
+async def test_an_unknown_route_then_a_cached_read_in_one_write(api: RunningApi, raw: Raw) -> None:
+    await raw.get(LOOKUP)
+    raw.send(
+        f"GET /v1/nope HTTP/1.1\r\nHost: t\r\n\r\nGET {LOOKUP} HTTP/1.1\r\nHost: t\r\n\r\n".encode()
+    )
+    assert status((await raw.response())[0]) == 404
+    assert status((await raw.response())[0]) == 200
+    assert api.server.stats.requests["GET", httpapi.UNMATCHED, 404] == 1
+
+
+@pytest.mark.parametrize(
+    "fields",
+    ["", "Host: t\r\nHost: u\r\n", "Host: t\r\nbad field: x\r\n", "Host: t\r\n folded\r\n"],
+)
+async def test_requests_aiohttp_refuses_are_refused(api: RunningApi, raw: Raw, fields: str) -> None:
+    await raw.get(LOOKUP)
+    raw.send(f"GET {LOOKUP} HTTP/1.1\r\n{fields}\r\n".encode())
+    async with asyncio.timeout(DEADLINE):
+        head = await raw.reader.readuntil(b"\r\n\r\n")
+    assert status(head) == 400
+    assert api.server.stats.fast == 0
+
+
+async def test_a_request_split_across_writes_is_answered(api: RunningApi, raw: Raw) -> None:
+    await raw.get(LOOKUP)
+    request = f"GET {LOOKUP} HTTP/1.1\r\nHost: t\r\n\r\n".encode()
+    for cut in (5, len(request) - 3, len(request) - 1):
+        raw.send(request[:cut])
+        await asyncio.sleep(0.01)
+        raw.send(request[cut:])
+        assert status((await raw.response())[0]) == 200
+    assert api.server.stats.fast == 3
+
+
+@pytest.mark.parametrize(
+    ("request_head", "closes"),
+    [
+        (f"GET {LOOKUP} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n", True),
+        (f"GET {LOOKUP} HTTP/1.0\r\n\r\n", True),
+        (f"HEAD {LOOKUP} HTTP/1.1\r\nHost: t\r\n\r\n", False),
+        (f"GET {LOOKUP} HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n{{}}", False),
+    ],
+)
+async def test_requests_the_fast_path_leaves_to_aiohttp(
+    api: RunningApi, raw: Raw, request_head: str, closes: bool
+) -> None:
+    await raw.get(LOOKUP)
+    raw.send(request_head.encode())
+    async with asyncio.timeout(DEADLINE):
+        head = await raw.reader.readuntil(b"\r\n\r\n")
+    assert status(head) in (200, 405)
+    assert api.server.stats.fast == 0
+    if closes:
+        assert b"Connection: close" in head or b"HTTP/1.0" in request_head.encode()
+        await raw.reader.read()  # the body, then the end
+        assert raw.reader.at_eof()
+
+
+async def test_writes_and_fast_reads_share_a_keep_alive_connection(api: RunningApi) -> None:
+    connector = aiohttp.TCPConnector(limit=1)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        url = f"http://{api.server.host}:{api.server.port}"
+        for n in range(3, 6):
+            async with http.get(url + LOOKUP) as r:
+                assert len(await r.json()) == n - 1
+            async with http.get(url + LOOKUP) as r:
+                assert len(await r.json()) == n - 1
+            body: dict[str, Any] = {"Name": "web", "ID": f"web-{n}", "Port": 80 + n}
+            async with http.put(url + "/v1/agent/service/register", json=body) as r:
+                assert r.status == 200
+    assert api.server.stats.fast == 3
+    assert api.server.stats.requests["PUT", "/v1/agent/service/register", 200] == 3
+
+
+async def test_a_chunked_body_makes_the_connection_aiohttps(api: RunningApi, raw: Raw) -> None:
+    body = json.dumps({"Name": "web", "ID": "web-9", "Port": 99}).encode()
+    raw.send(
+        b"PUT /v1/agent/service/register HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + f"{len(body):x}\r\n".encode()
+        + body
+        + b"\r\n0\r\n\r\n"
+    )
+    assert status((await raw.response())[0]) == 200
+    for _ in range(3):
+        assert len(json.loads((await raw.get(LOOKUP))[1])) == 3
+    assert api.server.stats.fast == 0
+
+
+async def test_an_idle_fast_connection_closes(
+    api: RunningApi, raw: Raw, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(httpapi, "KEEPALIVE_TIMEOUT", 0.3)
+    other = await connect(api)  # its timer runs on the patched timeout
+    try:
+        await other.get(LOOKUP)
+        for _ in range(4):  # busy for longer than the timeout: stays open
+            await asyncio.sleep(0.1)
+            assert status((await other.get(LOOKUP))[0]) == 200
+        started = time.monotonic()
+        assert await other.closed()
+        assert 0.2 <= time.monotonic() - started < DEADLINE
+    finally:
+        other.writer.close()
+        await other.writer.wait_closed()
+
+
+async def test_aiohttps_idle_timer_does_not_close_a_busy_fast_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(httpapi, "KEEPALIVE_TIMEOUT", 0.3)  # aiohttp's too: set at start
+    async with running_api(instances=[inst("web", "web-1")]) as api:
+        conn = await connect(api)
+        try:
+            await conn.get(LOOKUP)  # aiohttp answers: its keep-alive timer starts
+            for _ in range(6):  # fast answers for twice its timeout
+                await asyncio.sleep(0.1)
+                assert status((await conn.get(LOOKUP))[0]) == 200
+            assert api.server.stats.fast == 6
+            assert await conn.closed()  # then idle: closed
+        finally:
+            conn.writer.close()
+            await conn.writer.wait_closed()
+
+
+async def test_closing_the_server_closes_fast_connections(raw: Raw, api: RunningApi) -> None:
+    await raw.get(LOOKUP)
+    await raw.get(LOOKUP)
+    assert api.server.stats.fast == 1
+    await api.server.close()
+    assert await raw.closed()
+
+
+def test_the_fast_path_on_uvloop() -> None:
+    async def run() -> tuple[int, int]:
+        async with running_api(instances=[inst("web", "web-1")]) as api:
+            conn = await connect(api)
+            try:
+                for _ in range(3):
+                    assert status((await conn.get(LOOKUP))[0]) == 200
+            finally:
+                conn.writer.close()
+                await conn.writer.wait_closed()
+            return api.server.stats.fast, api.server.stats.requests[ROUTE]
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        assert runner.run(run()) == (2, 3)
