@@ -472,7 +472,8 @@ def _host_networks(raw: RawFile, value: object, where: str, key: str) -> list[Ho
                     )
                 )
             except ValidationError as err:
-                raise raw.error(err.field, err.message, nw) from None
+                attribute = f"{nw}.{err.field.rpartition('.')[2]}"  # its line, else the block's
+                raise raw.error(err.field, err.message, attribute) from None
             except SpecError as err:
                 raise raw.error(key, err.message, nw) from None
     return out
