@@ -641,6 +641,19 @@ class _Connection(asyncio.Protocol):
     KEEPALIVE_TIMEOUT, as aiohttp's do.
     """
 
+    __slots__ = (
+        "_active",
+        "_buffer",
+        "_handed",
+        "_handler",
+        "_paused",
+        "_server",
+        "_state",
+        "_through",
+        "_timer",
+        "_transport",
+    )
+
     def __init__(self, server: web.Server, state: _State) -> None:
         self._server = server
         self._state = state
