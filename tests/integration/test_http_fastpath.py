@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import time
 from collections.abc import AsyncIterator
@@ -214,6 +215,18 @@ async def test_requests_aiohttp_refuses_are_refused(api: RunningApi, raw: Raw, f
         head = await raw.reader.readuntil(b"\r\n\r\n")
     assert status(head) == 400
     assert api.server.stats.fast == 0
+
+
+async def test_fast_answers_are_in_the_access_log_without_the_query(
+    api: RunningApi, raw: Raw, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.DEBUG, logger="discovery.httpapi.access"):
+        await raw.get(LOOKUP + "&token=secret-in-query")
+        await raw.get(LOOKUP + "&token=secret-in-query")
+    lines = [r.getMessage() for r in caplog.records if r.name == "discovery.httpapi.access"]
+    assert (len(lines), api.server.stats.fast) == (2, 1)
+    assert all(line.startswith("GET /v1/health/service/web 200 ") for line in lines), lines
+    assert "secret" not in caplog.text
 
 
 async def test_a_request_split_across_writes_is_answered(api: RunningApi, raw: Raw) -> None:
