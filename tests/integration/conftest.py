@@ -5,11 +5,19 @@
 :class:`RunningDns`, whose methods query it with dnspython (async, so the
 server keeps running in the same loop), raw sockets, or the `dig` binary.
 Everything started is closed at the end of the test.
+
+`_netsetup_sees_no_root` (autouse) makes every test here look unprivileged to
+netsetup and the agent (`os.geteuid()` answers NOT_ROOT), even when CI runs as root:
+netsetup then refuses bridge mode before it touches anything, and the agent never
+reconciles allocations (tests/conftest.py checks the namespace on top of that).
+Host mode, which only reserves ports, runs for real.  Kernel work is for
+tests/netns, inside namespaces of their own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -26,6 +34,7 @@ from discovery.model import Instance, Node
 from discovery.registry import Registry
 
 LOCAL_NODE = Node("agent", "127.0.0.1")
+NOT_ROOT = 65534  # nobody
 CLIENT_TIMEOUT = 2.0  # seconds; every reply on loopback comes in milliseconds
 DIG_DEADLINE = 10.0  # seconds for a whole dig run (it retries over TCP on TC)
 
@@ -123,6 +132,12 @@ class RunningDns:
         text = out.decode()
         assert proc.returncode == 0, f"dig {' '.join(args)} failed: {err.decode()}{text}"
         return parse_dig(text)
+
+
+@pytest.fixture(autouse=True)
+def _netsetup_sees_no_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No in-process agent may build bridges, namespaces or nft tables here (see above)."""
+    monkeypatch.setattr(os, "geteuid", lambda: NOT_ROOT)
 
 
 # No skip when dig is missing: `make test` installs dnsutils, and a skip would hide it.
