@@ -137,6 +137,9 @@ class LazyNetwork:
     pyroute2's netlink sockets need the standard asyncio loop (uvloop refuses
     AF_NETLINK datagram endpoints), so the manager lives on a plain asyncio loop
     in one thread and every call is passed to it; the agent's loop only awaits.
+    Exceptions come back to the caller as raised; a cancelled caller cancels the
+    call on that loop (netsetup then undoes a setup it cut short).  After close()
+    every call raises StateError: no second loop or thread is started.
     """
 
     def __init__(self, config: NetConfig) -> None:
@@ -146,8 +149,11 @@ class LazyNetwork:
         self._close_firewall: Callable[[], None] = lambda: None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._closed = False
 
     async def _call(self, work: Callable[[NetworkManager], Awaitable[T]]) -> T:
+        if self._closed:
+            raise StateError("allocation networking is closed (the agent is stopping)")
         if self._loop is None:
             self._loop = asyncio.new_event_loop()
             self._thread = threading.Thread(
@@ -203,6 +209,7 @@ class LazyNetwork:
 
     async def close(self) -> None:
         """Close the manager on its loop, then stop the loop and its thread."""
+        self._closed = True
         loop, thread = self._loop, self._thread
         if loop is None or thread is None:
             return
@@ -226,6 +233,9 @@ async def _start_jobs(
         return network
 
     runner = JobRunner(registry, store, opener, config.node_name)
+    # Closed first (the stack unwinds in reverse): a run or stop in progress finishes
+    # before netsetup's loop stops under it.
+    parts.push_async_callback(runner.close)
     await runner.start()
     return runner
 

@@ -29,7 +29,14 @@ so a crash never brings back a stopped job.  A crash in the middle of a run's
 setups leaves their reservations in netsetup's state (`waypost net list`).
 
 Concurrency: runs and stops are serialized by one lock; reads (`jobs`, `allocs`)
-take the current dict and never wait.
+take the current dict and never wait.  `close()` waits for the run or stop in
+progress and refuses later ones, so the agent can close netsetup after it.
+
+Cancellation (a client gone, the agent stopping): a run cancelled before its
+registry batch undoes itself (its setups torn down, the job's document put back
+as it was: a store write that was under way still lands); a teardown sequence
+(stop, undo, retiring) is never cut short, it finishes and then the cancellation
+is raised.
 """
 
 from __future__ import annotations
@@ -54,7 +61,7 @@ from discovery.jobs import (
 )
 from discovery.model import Instance, worst_health
 from discovery.registry import Alloc, Registry
-from netsetup.errors import NetsetupError
+from netsetup.errors import AllocExists, NetsetupError
 from netsetup.spec import AllocNetwork, NetworkSpec
 
 log = logging.getLogger(__name__)
@@ -176,6 +183,7 @@ class JobRunner:
         self._node = node
         self._jobs: dict[str, RunningJob] = {}
         self._lock = asyncio.Lock()
+        self._closed = False
         self.last_index = 0  # the registry index of the last run, stop or start
 
     # -- reads ----------------------------------------------------------------------
@@ -206,6 +214,7 @@ class JobRunner:
         new version then, and a running old version is untouched.
         """
         async with self._lock:
+            self._check_open()
             old = self._jobs.get(spec.id)
             if old is not None and old.spec == spec:
                 return old, False
@@ -216,8 +225,8 @@ class JobRunner:
             retiring = [a.plan.id for a in old.allocs] if old is not None else []
             try:
                 await self._store.put_job(spec.id, render_doc(job, retiring))
-            except BaseException:
-                await self._teardown_all(network, [a.plan.id for a in allocs])
+            except BaseException as exc:
+                await self._undo_run(network, spec.id, old, allocs, exc)
                 raise
             snap = self._registry.apply(
                 upserts=[i for a in allocs for i in a.instances],
@@ -228,12 +237,45 @@ class JobRunner:
             job = replace(job, modify_index=snap.index)
             self.last_index = snap.index
             self._jobs[spec.id] = job
-            await self._store.durable(snap.index)
-            if retiring:
-                errors = await self._teardown_all(network, retiring)
-                if not errors:
+            try:
+                await self._store.durable(snap.index)
+            finally:  # committed: the old version goes, even when this is cancelled
+                if retiring and not await self._teardown_all(network, retiring):
                     await self._store.put_job(spec.id, render_doc(job))
             return job, True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StateError("the job runner is closed (the agent is stopping)")
+
+    async def _undo_run(
+        self,
+        network: NetworkPort,
+        job_id: str,
+        old: RunningJob | None,
+        allocs: Sequence[RunningAlloc],
+        exc: BaseException,
+    ) -> None:
+        """A run failed at its document: tear its setups down, put the document back.
+
+        The write may have landed anyway (a cancelled caller does not stop the
+        store's thread); the document must then not name allocations that are gone.
+        The put-back is shielded: cancelled again, it still lands.
+        """
+        for error in await self._teardown_all(network, [a.plan.id for a in allocs]):
+            exc.add_note(f"undo failed: {error}")
+        try:
+            await asyncio.shield(
+                self._store.put_job(job_id, None if old is None else render_doc(old))
+            )
+        except StateError as err:
+            log.error("job %s: its document could not be put back: %s", job_id, err)
+            exc.add_note(f"document not put back: {err!r}")
+
+    async def close(self) -> None:
+        """Wait for the run or stop in progress; later ones raise StateError."""
+        async with self._lock:
+            self._closed = True
 
     async def _setup_all(
         self, network: NetworkPort, spec: JobSpec, plans: Sequence[PlannedAlloc]
@@ -257,12 +299,24 @@ class JobRunner:
         return tuple(done)
 
     async def _teardown_all(self, network: NetworkPort, ids: Iterable[str]) -> list[str]:
-        """Tear down every allocation in `ids`, past errors; the errors, logged."""
+        """Tear down every allocation in `ids`, past errors; the errors, logged.
+
+        A cancelled caller does not cut it short: it finishes, then CancelledError
+        is raised (half a stop would leave allocations no job claims).
+        """
+        work = asyncio.ensure_future(self._teardown_each(network, list(ids)))
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            await asyncio.wait([work])
+            raise
+
+    async def _teardown_each(self, network: NetworkPort, ids: Sequence[str]) -> list[str]:
         errors = []
         for alloc_id in ids:
             try:
                 await network.teardown(alloc_id)
-            except (NetsetupError, OSError) as exc:
+            except Exception as exc:  # past every error: the rest still goes
                 log.error("teardown of allocation %s failed: %s", alloc_id, exc)
                 errors.append(f"{alloc_id}: {exc}")
         return errors
@@ -274,6 +328,7 @@ class JobRunner:
         (the job is then still known and registered).
         """
         async with self._lock:
+            self._check_open()
             job = self._jobs.get(job_id)
             if job is None:
                 raise NotFoundError(f"job {job_id!r} not found")
@@ -315,13 +370,22 @@ class JobRunner:
                 net = await network.get(plan.id)
                 if net is None:
                     log.warning("allocation %s (%s) is gone; setting it up", plan.id, plan.name)
-                    net = await network.setup(plan.id, plan.network)
+                    net = await self._setup_again(network, plan)
                 instances = plan_instances(plan, spec.group(plan.group), net, self._node)
             except (NetsetupError, ValidationError) as exc:
                 log.error("allocation %s (%s) cannot be restored: %s", plan.id, plan.name, exc)
                 continue
             allocs.append(RunningAlloc(plan, net, instances))
         return RunningJob(spec, tuple(allocs))
+
+    async def _setup_again(self, network: NetworkPort, plan: PlannedAlloc) -> AllocNetwork:
+        """Set `plan` up; a reservation a crash left half done is torn down first (once)."""
+        try:
+            return await network.setup(plan.id, plan.network)
+        except AllocExists:
+            log.warning("allocation %s: a setup was interrupted; redoing it", plan.id)
+            await network.teardown(plan.id)
+            return await network.setup(plan.id, plan.network)
 
     def _register_restored(self, restored: dict[str, RunningJob]) -> None:
         """One batch: the jobs' instances (check states kept) and allocs; stale ones out."""

@@ -3,16 +3,21 @@
 The agent is the real one (:func:`discovery.agent.start_agent`) on a temporary
 data dir, its allocations in host mode on 127.0.0.1 (advertise_addr), which
 only reserves ports: no kernel object is made.  Bridge mode appears once, with
-the agent made to believe it is not root, and must change nothing.
+the agent made to believe it is not root, and must change nothing.  Every test
+here sees a non-root uid (tests/integration/conftest.py) and is checked against
+the machine's namespace (tests/conftest.py): these tests cannot build a bridge.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
+import threading
+import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, closing
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +28,20 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
-from discovery.agent import Agent, start_agent
+from discovery.agent import Agent, LazyNetwork, start_agent
 from discovery.config import AgentConfig, Endpoint, Overrides, parse_config
+from discovery.errors import StateError
 from discovery.hclfile import parse_json
 from discovery.jobs import parse_job
+from netsetup.network import NetworkManager
+from netsetup.spec import NetworkSpec
+from netsetup.state import Reservation, open_state
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = json.loads((ROOT / "examples/web.job.json").read_text())
 TIMEOUT = 5.0
 WRITE_TOKEN = "write-token-123"
+READ_TOKEN = "read-token-456"
 STATIC_LOW = 30000  # static ports for the tests: below Linux's ephemeral range (32768-60999)
 
 
@@ -274,3 +284,91 @@ async def test_bridge_mode_without_root_says_so_and_changes_nothing(
         assert status == 500 and "needs root" in error["error"]
         assert agent.registry.snapshot.index == before and agent.jobs.jobs == {}
     assert not link_exists("wptestnone")
+
+
+def job_with(job_id: str, count: int) -> dict[str, Any]:
+    body = json.loads(json.dumps(EXAMPLE))
+    body["Job"]["ID"] = job_id
+    body["Job"]["TaskGroups"][0]["Count"] = count
+    return body
+
+
+async def test_every_route_needs_its_token_when_acls_deny(tmp_path: Path) -> None:
+    acl = {
+        "enabled": True,
+        "default_policy": "deny",
+        "tokens": {WRITE_TOKEN: "write", READ_TOKEN: "read"},
+    }
+    config = agent_config(tmp_path, acl=acl)
+    async with running(config, [EXAMPLE]) as agent, aiohttp.ClientSession() as http:
+        alloc = agent.jobs.jobs["web"].allocs[0].plan.id
+        reads = ["/v1/jobs", "/v1/job/web", "/v1/job/web/allocations", "/v1/allocations"]
+        reads.append(f"/v1/allocation/{alloc}")
+        for path in reads:
+            status, error = await request(http, "GET", url(agent, path))
+            assert status == 403 and error["error"], path
+            headers = {"X-Nomad-Token": READ_TOKEN}
+            status, _ = await request(http, "GET", url(agent, path), headers=headers)
+            assert status == 200, path
+        read_only = {"Authorization": f"Bearer {READ_TOKEN}"}
+        for method, path in [("POST", "/v1/jobs"), ("PUT", "/v1/jobs"), ("DELETE", "/v1/job/web")]:
+            for headers in ({}, read_only):
+                status, _ = await request(
+                    http, method, url(agent, path), json=job_with("web", 1), headers=headers
+                )
+                assert status == 403, (method, path, headers)
+        assert len(agent.jobs.jobs["web"].allocs) == 3
+
+
+async def test_concurrent_posts_and_deletes_leave_netsetup_and_the_registry_agreeing(
+    tmp_path: Path,
+) -> None:
+    async with running(agent_config(tmp_path)) as agent, aiohttp.ClientSession() as http:
+        posts = [job_with("a", 2), job_with("b", 2), job_with("same", 1), job_with("same", 1)]
+        answers = await asyncio.gather(
+            *(request(http, "POST", url(agent, "/v1/jobs"), json=body) for body in posts)
+        )
+        assert [status for status, _ in answers] == [200] * 4
+        assert sorted(body["Warnings"] for _, body in answers[2:]) == ["", "job unchanged"]
+        (status, _), (post_status, _) = await asyncio.gather(
+            request(http, "DELETE", url(agent, "/v1/job/a")),
+            request(http, "POST", url(agent, "/v1/jobs"), json=job_with("a", 3)),
+        )
+        assert (status, post_status) == (200, 200)
+        held = {a.plan.id for job in agent.jobs.jobs.values() for a in job.allocs}
+        assert len(held) == 3 * ("a" in agent.jobs.jobs) + 2 + 1
+        with closing(open_state(tmp_path)) as state:
+            assert {r.alloc_id for r in state.allocations()} == held
+        assert set(agent.registry.snapshot.allocs) == held
+
+
+async def test_lazy_network_refuses_calls_after_close(tmp_path: Path) -> None:
+    network = LazyNetwork(agent_config(tmp_path).client)
+    alloc_id = str(uuid.uuid4())
+    assert (await network.setup(alloc_id, NetworkSpec())).mode == "host"
+    assert await network.teardown(alloc_id)
+    await network.close()
+    with pytest.raises(StateError):
+        await network.get(alloc_id)
+    assert not [t for t in threading.enumerate() if t.name == "waypost-netsetup"]
+
+
+async def test_persisted_bridge_allocations_are_not_reconciled_by_tests(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A data dir whose netsetup state holds a bridge allocation: as root, the agent
+    would reconcile it in this namespace (bridge, sysctls, nft table)."""
+    config = agent_config(tmp_path)
+    async with running(config, [EXAMPLE]):
+        pass
+    with closing(open_state(tmp_path)) as state:
+        state.reserve(
+            str(uuid.uuid4()), NetworkSpec("bridge"), lambda _: Reservation((), ("172.26.64.9",))
+        )
+
+    async def refuse(_self: NetworkManager) -> None:
+        raise AssertionError("a test reconciled allocations in this machine's namespace")
+
+    monkeypatch.setattr(NetworkManager, "reconcile", refuse)
+    async with running(config) as agent:
+        assert len(agent.jobs.jobs["web"].allocs) == 3

@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 
 from discovery.allocations import JobFailed, JobRunner, keep_check_state, parse_doc
-from discovery.errors import NotFoundError
+from discovery.errors import NotFoundError, StateError
 from discovery.jobs import SOURCE, JobSpec, parse_job
 from discovery.model import Health, Node
 from discovery.registry import Registry
-from netsetup.errors import PortError
+from netsetup.errors import AllocExists, PortError
 from netsetup.spec import AllocNetwork, NetworkSpec, PortMapping
 
 NODE = Node("agent", "127.0.0.1")
@@ -34,6 +34,8 @@ class FakeNetwork:
         self.calls: list[tuple[str, str]] = []
         self.fail_setups: set[int] = set()  # 1-based numbers of setup calls that fail
         self.fail_teardowns: set[str] = set()
+        self.half: set[str] = set()  # reservations a crash left without a result
+        self.gate: asyncio.Event | None = None  # setups and teardowns wait for it when set
         self._setups = 0
         self._next_port = 20000
 
@@ -41,6 +43,10 @@ class FakeNetwork:
         await asyncio.sleep(0)  # a real setup yields; concurrent runs must not interleave
         self._setups += 1
         self.calls.append(("setup", alloc_id))
+        if self.gate is not None:
+            await self.gate.wait()
+        if alloc_id in self.half:
+            raise AllocExists(alloc_id)
         if self._setups in self.fail_setups:
             raise PortError("dynamic port selection failed (injected)")
         ports = []
@@ -55,9 +61,13 @@ class FakeNetwork:
     async def teardown(self, alloc_id: str) -> bool:
         await asyncio.sleep(0)
         self.calls.append(("teardown", alloc_id))
+        if self.gate is not None:
+            await self.gate.wait()
         if alloc_id in self.fail_teardowns:
             raise PortError(f"teardown of {alloc_id} failed (injected)")
-        return self.allocs.pop(alloc_id, None) is not None
+        half = alloc_id in self.half
+        self.half.discard(alloc_id)
+        return self.allocs.pop(alloc_id, None) is not None or half
 
     async def get(self, alloc_id: str) -> AllocNetwork | None:
         return self.allocs.get(alloc_id)
@@ -278,3 +288,107 @@ def test_keep_check_state_only_touches_checks_of_the_same_id() -> None:
     other = replace(fresh, checks=(replace(check, id="c2", status=Health.PASSING),))
     assert keep_check_state(fresh, other) == fresh
     assert keep_check_state(fresh, None) == fresh
+
+
+class CancelledWrite(MemoryJobs):
+    """The store when its caller is cancelled mid-write: the write lands all the same."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cancel_next = False
+
+    async def put_job(self, ident: str, data: str | None) -> None:
+        await super().put_job(ident, data)
+        if self.cancel_next:
+            self.cancel_next = False
+            raise asyncio.CancelledError
+
+
+async def until(condition: Any, what: str) -> None:
+    """Yield to the loop until `condition()` (bounded)."""
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"never: {what}")
+
+
+async def test_a_run_cancelled_at_its_document_leaves_neither_document_nor_allocations() -> None:
+    store = CancelledWrite()
+    jobs, net, _, registry = runner(store=store)
+    store.cancel_next = True
+    with pytest.raises(asyncio.CancelledError):
+        await jobs.run(spec())
+    assert store.docs == {} and net.allocs == {} and job_instances(registry) == []
+
+
+async def test_a_replacement_cancelled_at_its_document_puts_the_old_one_back() -> None:
+    store = CancelledWrite()
+    jobs, net, _, _ = runner(store=store)
+    old, _ = await jobs.run(spec(tag="v1"))
+    store.cancel_next = True
+    with pytest.raises(asyncio.CancelledError):
+        await jobs.run(spec(tag="v2"))
+    parsed, plans, retiring = parse_doc(store.docs["web"])
+    assert parsed == old.spec and plans == tuple(a.plan for a in old.allocs) and retiring == ()
+    assert set(net.allocs) == {a.plan.id for a in old.allocs} and jobs.jobs["web"] == old
+
+
+async def test_a_cancelled_stop_still_tears_down_every_allocation() -> None:
+    jobs, net, store, _ = runner()
+    await jobs.run(spec())
+    net.gate = asyncio.Event()
+    stopping = asyncio.create_task(jobs.stop("web"))
+    await until(lambda: any(c[0] == "teardown" for c in net.calls), "a teardown started")
+    stopping.cancel()
+    net.gate.set()
+    with pytest.raises(asyncio.CancelledError):
+        await stopping
+    assert net.allocs == {} and store.docs == {} and jobs.jobs == {}
+
+
+async def test_stop_goes_past_errors_netsetup_did_not_name() -> None:
+    jobs, net, _, _ = runner()
+    job, _ = await jobs.run(spec())
+    first = job.allocs[0].plan.id
+
+    async def broken(alloc_id: str) -> bool:
+        if alloc_id == first:
+            raise RuntimeError("the netsetup loop is gone")
+        return net.allocs.pop(alloc_id, None) is not None
+
+    net.teardown = broken  # type: ignore[method-assign]
+    errors = await jobs.stop("web")
+    assert len(errors) == 1 and first in errors[0]
+    assert set(net.allocs) == {first}
+
+
+async def test_close_waits_for_the_run_in_progress_and_refuses_later_ones() -> None:
+    jobs, net, _, registry = runner()
+    net.gate = asyncio.Event()
+    running = asyncio.create_task(jobs.run(spec()))
+    await until(lambda: net.calls, "a setup started")
+    closing = asyncio.create_task(jobs.close())
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert not closing.done()
+    net.gate.set()
+    job, _ = await running
+    await closing
+    assert len(job.allocs) == len(job_instances(registry)) == 3
+    with pytest.raises(StateError):
+        await jobs.run(spec("other"))
+    with pytest.raises(StateError):
+        await jobs.stop("web")
+
+
+async def test_start_redoes_a_setup_a_crash_left_half_done() -> None:
+    jobs, net, store, registry = runner()
+    job, _ = await jobs.run(spec())
+    broken = job.allocs[1].plan.id
+    del net.allocs[broken]
+    net.half.add(broken)  # reserved, never completed: netsetup's get() says None
+    again, _, _, _ = runner(net, store, registry)
+    await again.start()
+    assert [a.plan.id for a in again.jobs["web"].allocs] == [a.plan.id for a in job.allocs]
+    assert broken in net.allocs and broken not in net.half
