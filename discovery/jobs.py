@@ -57,6 +57,7 @@ from netsetup.spec import AllocNetwork, NetworkSpec, PortSpec
 HOST_NETWORK = NetworkSpec()  # a group without Networks: host mode, no ports
 SOURCE = "job"  # Instance.source of the instances jobs register
 MAX_COUNT = 512  # allocations per group: one host, each holding ports (and an IP in bridge)
+MAX_ALLOCS = MAX_COUNT  # per job, all groups together: a job is set up all or nothing
 MAX_GROUPS = 64
 MAX_SERVICES = 64  # per group
 MAX_CHECKS = 16  # per service
@@ -267,7 +268,37 @@ def _parse_job(raw: object) -> JobSpec:
         if group.name in seen:
             raise ValidationError(f"Job.TaskGroups[{i}].Name", f"duplicate group {group.name!r}")
         seen.add(group.name)
+    total = sum(g.count for g in groups)
+    if total > MAX_ALLOCS:
+        raise ValidationError(
+            obj.at("TaskGroups"), f"{total} allocations: at most {MAX_ALLOCS} per job"
+        )
+    _check_static_ports(groups)
     return JobSpec(ident, name, groups)
+
+
+def _check_static_ports(groups: Iterable[GroupSpec]) -> None:
+    """One host gives a static port (of one host network) to one allocation only.
+
+    So a static port in a group of Count > 1, or the same one twice in a job, can
+    never be set up: a 400 now rather than a 409 after setting up the others.
+    """
+    taken: dict[tuple[str, int], str] = {}
+    for i, group in enumerate(groups):
+        if group.count == 0:
+            continue
+        for j, port in enumerate(p for p in group.network.ports if p.static is not None):
+            where = f"Job.TaskGroups[{i}].Networks[0].ReservedPorts[{j}].Value"
+            if group.count > 1:
+                raise ValidationError(
+                    where,
+                    f"static port {port.static} ({port.label!r}) with Count {group.count}:"
+                    " one host gives it to one allocation only",
+                )
+            key = (port.host_network, port.static or 0)
+            if key in taken:
+                raise ValidationError(where, f"static port {port.static} is {taken[key]} already")
+            taken[key] = f"port {port.label!r} of group {group.name!r}"
 
 
 def _parse_group(raw: object, path: str) -> GroupSpec:

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from discovery.errors import ValidationError
 from discovery.jobs import (
+    MAX_ALLOCS,
     MAX_COUNT,
     JobSpec,
     alloc_addresses,
@@ -33,7 +34,7 @@ def job(**changes: Any) -> dict[str, Any]:
     """A valid job body; `changes` replace keys of its first group."""
     group: dict[str, Any] = {
         "Name": "web",
-        "Count": 2,
+        "Count": 1,
         "Networks": [
             {
                 "Mode": "host",
@@ -124,6 +125,13 @@ BAD = [
     ([*G, "Count"], MAX_COUNT + 1, "Job.TaskGroups[0].Count"),
     ([*G, "Count"], "3", "Job.TaskGroups[0].Count"),
     ([*G, "Count"], True, "Job.TaskGroups[0].Count"),
+    # A static port (admin: 9000) on one host: for one allocation only.
+    ([*G, "Count"], 2, "Job.TaskGroups[0].Networks[0].ReservedPorts[0].Value"),
+    (
+        [*NET, "ReservedPorts"],
+        [{"Label": "admin", "Value": 9000}, {"Label": "admin2", "Value": 9000}],
+        "Job.TaskGroups[0].Networks[0].ReservedPorts[1].Value",
+    ),
     ([*G, "Name"], "web[0]", "Job.TaskGroups[0].Name"),
     ([*G, "Networks"], [{}, {}], "Job.TaskGroups[0].Networks"),
     ([*NET, "Mode"], "cni/mynet", "Job.TaskGroups[0].Networks[0].Mode"),
@@ -175,6 +183,37 @@ def test_bad_input_names_the_json_path(path: list[object], value: object, field:
     with pytest.raises(ValidationError) as caught:
         parse_job(_with(path, value))
     assert caught.value.field == field
+
+
+def _two_groups(count: int, value: int, host_network: str = "") -> dict[str, Any]:
+    body = job()
+    other = copy.deepcopy(body["Job"]["TaskGroups"][0])
+    other["Name"], other["Count"] = "other", count
+    other["Networks"][0]["ReservedPorts"] = [
+        {"Label": "admin", "Value": value, "HostNetwork": host_network}
+    ]
+    body["Job"]["TaskGroups"].append(other)
+    return body
+
+
+def test_a_static_port_twice_in_a_job_is_refused_unless_it_cannot_clash() -> None:
+    with pytest.raises(ValidationError) as caught:
+        parse_job(_two_groups(1, 9000))
+    assert caught.value.field == "Job.TaskGroups[1].Networks[0].ReservedPorts[0].Value"
+    assert "group 'web'" in caught.value.message
+    assert len(parse_job(_two_groups(0, 9000)).groups) == 2  # no allocation: no clash
+    assert len(parse_job(_two_groups(1, 9001)).groups) == 2
+    assert len(parse_job(_two_groups(1, 9000, "public")).groups) == 2  # another address
+
+
+def test_a_job_has_at_most_max_allocs_allocations_in_all() -> None:
+    body = _two_groups(MAX_ALLOCS, 9001)
+    body["Job"]["TaskGroups"][1]["Networks"] = DYNAMIC_ONLY
+    with pytest.raises(ValidationError) as caught:
+        parse_job(body)
+    assert caught.value.field == "Job.TaskGroups"
+    body["Job"]["TaskGroups"][1]["Count"] = MAX_ALLOCS - 1
+    assert sum(g.count for g in parse_job(body).groups) == MAX_ALLOCS
 
 
 @pytest.mark.parametrize(
@@ -238,9 +277,12 @@ def _network(alloc_id: str, mode: str = "host") -> AllocNetwork:
     )
 
 
+DYNAMIC_ONLY = [{"DynamicPorts": [{"Label": "http"}]}]
+
+
 def test_plan_allocs_names_them_like_nomad() -> None:
     ids = iter(["a1", "a2"])
-    allocs = plan_allocs(parse_job(job()), lambda: next(ids))
+    allocs = plan_allocs(parse_job(job(Count=2, Networks=DYNAMIC_ONLY)), lambda: next(ids))
     assert [(a.id, a.name, a.index) for a in allocs] == [
         ("a1", "web.web[0]", 0),
         ("a2", "web.web[1]", 1),
@@ -248,7 +290,7 @@ def test_plan_allocs_names_them_like_nomad() -> None:
 
 
 def test_plan_allocs_makes_uuids() -> None:
-    allocs = plan_allocs(parse_job(job(Count=3)))
+    allocs = plan_allocs(parse_job(job(Count=3, Networks=DYNAMIC_ONLY)))
     assert len({a.id for a in allocs}) == 3
     assert all(len(a.id) == 36 for a in allocs)
 
@@ -349,7 +391,7 @@ def bodies(draw: st.DrawFn) -> dict[str, Any]:
     ]
     group = {
         "Name": draw(_labels),
-        "Count": draw(st.integers(0, MAX_COUNT)),
+        "Count": draw(st.integers(0, 1 if any(statics) else MAX_COUNT)),
         "Networks": [
             {
                 "Mode": draw(st.sampled_from(["host", "bridge"])),
