@@ -447,7 +447,8 @@ def _host_address(obj: Mapping[str, object], fieldname: str) -> str:
 
 
 def _host_networks(raw: RawFile, value: object, where: str, key: str) -> list[HostNetwork]:
-    """`host_network { name = "public" ... }` blocks, or JSON's `{"public": {...}}`."""
+    """Host networks keyed by name: `host_network "public" { ... }` (Nomad's form;
+    hclfile gives it as JSON's `{"public": {...}}`) or `host_network { name = "public" }`."""
     out = []
     for bw, block in _objects(raw, value, where, key):
         named = [(bw, block)] if "name" in block else []
@@ -455,6 +456,8 @@ def _host_networks(raw: RawFile, value: object, where: str, key: str) -> list[Ho
             for label, body in block.items():
                 if not isinstance(body, Mapping):
                     raise raw.error(f"{key}.{label}", "must be a block (an object)", bw)
+                if "name" in body:
+                    raise raw.error(f"{key}.name", f"is given by the label {label!r}", bw)
                 named.append((f"{bw}.{label}", {"name": label, **body}))
         for nw, obj in named:
             for name in obj:

@@ -4,7 +4,11 @@ The only module that imports ``hcl2``.  A file becomes plain dicts, lists and
 scalars plus the line of each path (``service[1].port``), so that
 :mod:`discovery.config` (pure) can name the line of whatever it rejects.
 HCL blocks become lists of objects (``service { }`` twice gives two items);
-attributes become values.  Consul's HCL has no expressions, so interpolation
+attributes become values.  The blocks Nomad writes with a label
+(:data:`LABELLED_BLOCKS`: ``host_network "public" { }``) become one object
+under that label, ``{"public": {...}}``: the shape the JSON form has (they
+may also be written without one, `name = "public"` inside); any other block
+with a label is rejected.  Consul's HCL has no expressions, so interpolation
 (``"${...}"``), templates and arithmetic are rejected rather than kept as text.
 
 Error handling: anything unreadable or unparsable raises ConfigError with the
@@ -36,6 +40,9 @@ _OPTIONS = hcl2.SerializationOptions(
     preserve_heredocs=False,
 )
 _TEMPLATE = ("${", "%{")  # HCL interpolation and directives
+# Blocks that take one label (their key, indexes dropped), as in Nomad's client block.
+LABELLED_BLOCKS = frozenset({"client.host_network"})
+_INDEX = re.compile(r"\[\d+\]")
 
 
 def load_config(
@@ -127,11 +134,10 @@ def _body(body: BodyRule, where: str, path: str, lines: dict[str, int]) -> dict[
             if line:
                 lines[key] = line
             continue
-        labels = child.labels
-        name = str(labels[0].serialize(_OPTIONS))
+        labels = [str(label.serialize(_OPTIONS)) for label in child.labels]
+        name = labels[0]
         key = f"{where}.{name}" if where else name
-        if len(labels) > 1:
-            raise ConfigError(path, f"a {name} block takes no labels", line=line, key=key_of(key))
+        _check_labels(labels[1:], key, path, line)
         blocks = out.setdefault(name, [])
         if not isinstance(blocks, list) or (blocks and not isinstance(blocks[0], dict)):
             raise ConfigError(path, "is both an attribute and a block", line=line, key=key_of(key))
@@ -139,8 +145,30 @@ def _body(body: BodyRule, where: str, path: str, lines: dict[str, int]) -> dict[
         if line:
             lines[indexed] = line
             lines.setdefault(key, line)  # errors about the merged block point at its first one
-        blocks.append(_body(child.body, indexed, path, lines))
+        if len(labels) == 1:
+            blocks.append(_body(child.body, indexed, path, lines))
+            continue
+        labelled = f"{indexed}.{labels[1]}"
+        if line:
+            lines[labelled] = line
+        blocks.append({labels[1]: _body(child.body, labelled, path, lines)})
     return out
+
+
+def _check_labels(labels: Sequence[str], key: str, path: str, line: int | None) -> None:
+    """A block of LABELLED_BLOCKS takes one label (a literal) or none (its older
+    `name = "..."` form); any other block takes none."""
+    name = key.rpartition(".")[2]
+    if _INDEX.sub("", key) not in LABELLED_BLOCKS:
+        if labels:
+            raise ConfigError(path, f"a {name} block takes no labels", line=line, key=key_of(key))
+        return
+    if not labels:
+        return
+    if len(labels) > 1 or not labels[0]:
+        message = f'a {name} block takes one label: {name} "<name>" {{ ... }}'
+        raise ConfigError(path, message, line=line, key=key_of(key))
+    _literal(labels[0], path, line, key)
 
 
 def _literal(value: Any, path: str, line: int | None, key: str) -> Any:

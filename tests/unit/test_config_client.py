@@ -72,10 +72,43 @@ def test_json_host_networks_are_keyed_by_name() -> None:
     assert config.client.host_networks == (HostNetwork("lan", "192.0.2.9", "22"),)
 
 
+def test_host_networks_take_a_label_as_in_nomad() -> None:
+    config = hcl(
+        """
+client {
+  host_network "public" {
+    cidr = "203.0.113.7/32"
+    reserved_ports = "22"
+  }
+  host_network "lan" { address = "192.0.2.9" }
+  host_network {
+    name = "old-style"
+    address = "192.0.2.10"
+  }
+}
+"""
+    )
+    assert config.client.host_networks == (
+        HostNetwork("lan", "192.0.2.9", ""),
+        HostNetwork("old-style", "192.0.2.10", ""),
+        HostNetwork("public", "203.0.113.7", "22"),
+    )
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
         ("client {\n  bogus = 1 # <-\n}\n", "client.bogus: unknown key"),
+        (
+            'client {\n  host_network "x" {\n    cidr = "10.0.0.0/8" # <-\n  }\n}\n',
+            "one address",
+        ),
+        (
+            'client {\n  host_network "x" { # <-\n    name = "y"\n  }\n}\n',
+            "client.host_network.name: is given by the label 'x'",
+        ),
+        ('client {\n  host_network "x" "y" { # <-\n  }\n}\n', "takes one label"),
+        ('client {\n  reserved "x" { # <-\n  }\n}\n', "a reserved block takes no labels"),
         ("client {\n  min_dynamic_port = 70000 # <-\n}\n", "client.min_dynamic_port"),
         (
             "client {\n  min_dynamic_port = 30000 # <-\n  max_dynamic_port = 20000\n}\n",
