@@ -71,7 +71,7 @@ def render_registration(inst: Instance, datacenter: str, index: int) -> Json:
         "Namespace": NAMESPACE,
         "NodeID": node_id(inst.node),  # the same UUID as Consul's Node.ID
         "Datacenter": inst.datacenter or datacenter,
-        "JobID": "",
+        "JobID": inst.job_id,
         "AllocID": inst.alloc_id,
         "Tags": list(inst.tags),
         "Address": inst.address,

@@ -30,7 +30,8 @@ host advertise the host IP and the mapped host port; alloc advertises the
 allocation's IP and the port inside (`To`), and needs bridge mode.  A numeric
 PortLabel is that port as is.  Service ids are Nomad's
 (`_nomad-task-<allocID>-group-<group>-<service>-<port label>`), the source is
-"job" and `alloc_id` ties each instance to its allocation.
+"job", `alloc_id` ties each instance to its allocation and `job_id` to its job
+(Nomad's `JobID` in `/v1/service/:name`).
 """
 
 from __future__ import annotations
@@ -605,6 +606,7 @@ def plan_instances(
                 meta=dict(svc.meta),
                 ports=ports if svc.address_mode != "alloc" else _alloc_ports(network),
                 alloc_id=alloc.id,
+                job_id=alloc.job_id,
                 source=SOURCE,
                 checks=_checks(svc, ident, network),
             )

@@ -109,6 +109,7 @@ class Instance:
     health: Health = Health.PASSING
     datacenter: str = ""  # "" means the local datacenter
     alloc_id: str = ""
+    job_id: str = ""  # the job of a job's instance (Nomad's JobID); "" otherwise
     source: str = "api"  # who owns it: config, api, job, consul
     checks: tuple[Check, ...] = ()  # health is worst_health(checks) when there are any
     # Registry indexes of its first registration and last change (Consul's CreateIndex and
@@ -350,6 +351,7 @@ def make_instance(
     health: object = Health.PASSING,
     datacenter: str = "",
     alloc_id: str = "",
+    job_id: str = "",
     source: str = "api",
     checks: Iterable[Check] = (),
 ) -> Instance:
@@ -392,6 +394,7 @@ def make_instance(
         health=state,
         datacenter=datacenter,
         alloc_id=alloc_id,
+        job_id=job_id,
         source=source,
         checks=check_list,
     )

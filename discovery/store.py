@@ -117,6 +117,9 @@ def render_instance(inst: Instance) -> str:
             "health": inst.health.value,
             "datacenter": inst.datacenter,
             "alloc_id": inst.alloc_id,
+            # Only when set: rows of other instances stay as they were, and rows
+            # written before the field existed read back with "".
+            **({"job_id": inst.job_id} if inst.job_id else {}),
             "source": inst.source,
             "checks": [_check_fields(c) for c in inst.checks],
             "create_index": inst.create_index,
@@ -162,6 +165,7 @@ def parse_instance(text: str) -> Instance:
         health=Health(f.text("health")),
         datacenter=f.text("datacenter"),
         alloc_id=f.text("alloc_id"),
+        job_id=f.text("job_id", ""),
         source=f.text("source"),
         checks=tuple(_parse_check(c) for c in f.objects("checks")),
         create_index=f.integer("create_index", 0),
@@ -228,8 +232,8 @@ class _Fields:
             raise ValueError(f"{self._prefix}{key}: {value!r} has the wrong type")
         return value  # type: ignore[return-value]
 
-    def text(self, key: str) -> str:
-        return self._get(key, str)
+    def text(self, key: str, default: str | None = None) -> str:
+        return self._get(key, str, default)
 
     def integer(self, key: str, default: int | None = None) -> int:
         return self._get(key, int, default)

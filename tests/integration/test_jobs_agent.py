@@ -130,6 +130,10 @@ async def test_post_the_example_job_see_it_in_dns_and_delete_it(tmp_path: Path) 
         assert rcode == dns.rcode.NOERROR and answered == sorted(ports)
         status, services = await request(http, "GET", url(agent, "/v1/service/web"))
         assert {s["AllocID"] for s in services} == {a["ID"] for a in allocs}
+        assert [s["JobID"] for s in services] == ["web"] * 3
+        query = {"filter": 'JobID == "web"'}
+        _, chosen = await request(http, "GET", url(agent, "/v1/service/web"), params=query)
+        assert len(chosen) == 3
 
         status, _ = await request(http, "DELETE", url(agent, "/v1/job/web"))
         assert status == 200
@@ -155,6 +159,8 @@ async def test_a_restart_on_the_same_data_dir_brings_the_job_back(tmp_path: Path
         assert sorted(a["ID"] for a in allocs_after) == sorted(a["ID"] for a in allocs_before)
         status, job = await request(http, "GET", url(agent, "/v1/job/web"))
         assert status == 200 and job["TaskGroups"][0]["Count"] == 3
+        _, services = await request(http, "GET", url(agent, "/v1/service/web"))
+        assert [s["JobID"] for s in services] == ["web"] * 3  # after a restart too
         # Posting the same job again changes nothing.
         status, body = await request(http, "POST", url(agent, "/v1/jobs"), json=EXAMPLE)
         assert status == 200 and body["Warnings"] == "job unchanged"

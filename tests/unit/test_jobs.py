@@ -327,6 +327,7 @@ def test_instances_carry_tags_meta_ports_and_checks() -> None:
     alloc = plan_allocs(spec, lambda: "a")[0]
     (inst,) = plan_instances(alloc, spec.groups[0], _network("a"), "n")
     assert inst.id == "_nomad-task-a-group-web-web-http"
+    assert (inst.alloc_id, inst.job_id, inst.source) == ("a", "web", "job")
     assert inst.tags == ("a", "b")
     assert dict(inst.meta) == {"version": "1"}
     assert dict(inst.ports) == {"admin": 9000, "http": 21000}

@@ -59,6 +59,7 @@ SAMPLE = Instance(
     health=Health.WARNING,
     datacenter="dc2",
     alloc_id="0b6f2e1c-5d1e-4a3b-9c1e-2f4a5b6c7d8e",
+    job_id="web",
     source="job",
     checks=(TTL_CHECK, HTTP_CHECK),
     create_index=7,
@@ -186,6 +187,13 @@ def test_malformed_rows_name_the_field(path: list[str | int], value: Any, named:
 def test_indexes_default_to_0_in_older_rows() -> None:
     back = parse_instance(_mangled(["create_index"], KeyError))
     assert (back.create_index, back.modify_index) == (0, 42)
+
+
+def test_job_id_is_written_only_when_set_and_older_rows_read_it_as_empty() -> None:
+    assert json.loads(render_instance(SAMPLE))["job_id"] == "web"
+    assert parse_instance(_mangled(["job_id"], KeyError)).job_id == ""
+    minimal = Instance(service="db", id="db", node="n", address="10.0.0.1", port=0)
+    assert "job_id" not in json.loads(render_instance(minimal))
 
 
 @pytest.mark.parametrize("text", ["", "[]", "null", "{", '"web"'])
