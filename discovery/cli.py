@@ -100,8 +100,13 @@ def _setup_logging() -> None:
 
 
 def load_jobs(paths: Sequence[str]) -> list[JobSpec]:
-    """The jobs in `paths`; ConfigError naming the file and the field when one is bad."""
+    """The jobs in `paths`; ConfigError naming the file and the field when one is bad.
+
+    Two files of the same job id are an error: the second would silently replace
+    the first at every start.
+    """
     jobs: list[JobSpec] = []
+    seen: dict[str, str] = {}
     for path in paths:
         try:
             with open(path, encoding="utf-8") as file:
@@ -109,9 +114,13 @@ def load_jobs(paths: Sequence[str]) -> list[JobSpec]:
         except (OSError, ValueError) as exc:
             raise ConfigError(path, f"cannot read the job: {exc}") from None
         try:
-            jobs.append(parse_job(body))
+            spec = parse_job(body)
         except ValidationError as err:
             raise ConfigError(path, err.message, key=err.field) from None
+        if spec.id in seen:
+            raise ConfigError(path, f"job {spec.id!r} is in {seen[spec.id]} too", key="Job.ID")
+        seen[spec.id] = path
+        jobs.append(spec)
     return jobs
 
 
