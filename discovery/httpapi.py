@@ -572,6 +572,14 @@ _FIELD_LINE = re.compile(rb"(" + _TCHAR + rb"):[ \t]*([\t -~\x80-\xff]*?)[ \t]*"
 # that aiohttp refuses (Sec-WebSocket-Key1: the old WebSocket draft).
 _UNFRAMED_FIELDS = frozenset({b"transfer-encoding", b"expect", b"upgrade", b"sec-websocket-key1"})
 _TOKEN_FIELDS = tuple(name.lower().encode() for name in TOKEN_HEADERS)
+# A Content-Length framed here: plain decimal, no sign, no leading zero, no list (RFC 9110
+# section 8.6 allows "1*DIGIT"; anything else is aiohttp's to judge).  Short, too: int()
+# refuses strings of over 4300 digits, and that ValueError would escape data_received.
+_CONTENT_LENGTH = re.compile(rb"0|[1-9][0-9]{0,9}")
+# aiohttp's RequestHandler awaits this future (private: aiohttp has no public "idle") while
+# it holds no request of its connection.  Absent, its handler is never idle: once aiohttp
+# has answered on a connection, the fast path leaves it alone (slower, never out of order).
+_AIOHTTP_WAITER = "_waiter"
 
 
 @dataclass(frozen=True, slots=True)
@@ -609,7 +617,7 @@ def parse_head(head: bytes) -> RequestHead | None:
             return None
         fields[name] = match[2]
     length = fields.get(b"content-length", b"0")
-    if not length.isdigit() or int(length) > MAX_FRAMED_BODY:
+    if _CONTENT_LENGTH.fullmatch(length) is None or int(length) > MAX_FRAMED_BODY:
         return None
     return RequestHead(request[1], request[2], int(request[3]), fields, int(length))
 
@@ -634,10 +642,13 @@ class _Connection(asyncio.Protocol):
     handler, if it has one yet, waits for a request: so responses stay in
     order) and writing is not paused; otherwise the whole request goes to
     aiohttp's handler, created on the first such request.  A request that is
-    not plain (see :func:`parse_head`) makes the connection aiohttp's for good.
+    not plain (see :func:`parse_head`) makes the connection aiohttp's for good,
+    and so does a pipeline deep enough to fill aiohttp's queue (it pauses
+    reading): from then on aiohttp's flow control bounds what is buffered.
 
-    Error handling: nothing here raises to the loop; what cannot be answered
-    here is aiohttp's to answer (400, 413...).  Idle connections close after
+    Error handling: what cannot be answered here is aiohttp's to answer (400,
+    413...); an exception in data_received (a bug) is logged and aborts this
+    connection, never the loop's problem.  Idle connections close after
     KEEPALIVE_TIMEOUT, as aiohttp's do.
     """
 
@@ -702,9 +713,18 @@ class _Connection(asyncio.Protocol):
             self._transport.close()
 
     def data_received(self, data: bytes) -> None:
-        if self._through:
-            self._hand_over(data)
-            return
+        try:
+            if self._through:
+                self._hand_over(data)
+            else:
+                self._frame(data)
+        except Exception:  # a bug of ours: this connection's end, not the loop's
+            log.exception("HTTP connection: error in the fast path; connection aborted")
+            if self._transport is not None:
+                self._transport.abort()
+
+    def _frame(self, data: bytes) -> None:
+        """Answer or hand over each whole request in the buffer; keep a partial one."""
         self._active = asyncio.get_running_loop().time()
         buffer = self._buffer + data if self._buffer else data
         while buffer:
@@ -721,15 +741,24 @@ class _Connection(asyncio.Protocol):
             if len(buffer) < size:
                 self._buffer = buffer
                 return
-            if not self._answer(head):
-                self._hand_over(buffer[:size])
-            buffer = buffer[size:]
+            request, buffer = buffer[:size], buffer[size:]
+            if self._answer(head):
+                continue
+            self._hand_over(request)
+            if not self._reading():
+                # aiohttp's queue of pipelined requests is full (its handler is busy
+                # or writing is paused): its flow control bounds the rest, as without us.
+                break
         else:
             self._buffer = b""
             return
         self._buffer = b""
         self._through = True
         self._hand_over(buffer)
+
+    def _reading(self) -> bool:
+        transport = self._transport
+        return transport is not None and transport.is_reading()
 
     def _answer(self, head: RequestHead) -> bool:
         """Answer a cached read here (True), or leave the request to aiohttp (False)."""
@@ -769,7 +798,7 @@ class _Connection(asyncio.Protocol):
         """Whether aiohttp holds no request of this connection (its loop awaits the next)."""
         if self._handler is None:
             return True
-        waiter = getattr(self._handler, "_waiter", None)  # aiohttp 3.x; absent: never idle
+        waiter = getattr(self._handler, _AIOHTTP_WAITER, None)
         return isinstance(waiter, asyncio.Future) and not waiter.done()
 
     def _hand_over(self, data: bytes) -> None:

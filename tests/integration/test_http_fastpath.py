@@ -12,9 +12,11 @@ requests it answered.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
+import socket
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -352,3 +354,145 @@ def test_the_fast_path_on_uvloop() -> None:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         assert runner.run(run()) == (2, 3)
+
+
+async def statuses_until_quiet(conn: Raw) -> list[int]:
+    """The status of every response the server sends before it closes or goes quiet (0.3 s)."""
+    data = b""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(0.3):
+            while chunk := await conn.reader.read(65536):
+                data += chunk
+    codes = []
+    while data:
+        head, _, data = data.partition(b"\r\n\r\n")
+        codes.append(status(head))
+        length = re.search(rb"\r\nContent-Length: (\d+)", head)
+        data = data[int(length[1]) if length else 0 :]
+    return codes
+
+
+NOPE = b"GET /v1/nope HTTP/1.1\r\nHost: t\r\n"
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "wanted"),
+    [
+        (NOPE + b"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", [400]),
+        (NOPE + b"Content-Length: 4\r\nContent-Length: 4\r\n\r\nabcd", [400]),
+        (NOPE + b"Content-Length: 4\r\nContent-Length: 0\r\n\r\nabcd", [400]),
+        (NOPE + b"Content-Length: +4\r\n\r\nabcd", [400]),
+        (NOPE + b"Content-Length: 004\r\n\r\nabcd", [404, 200]),
+        (NOPE + b"Content-Length:  4 \r\n\r\nabcd", [404, 200]),
+        (NOPE + b"X: a\r\n Content-Length: 4\r\n\r\nabcd", [400]),  # obs-fold
+        (b"GET /v1/nope HTTP/1.1\nHost: t\n\n", [400]),  # bare LF
+        (NOPE + b"X: a\x00b\r\n\r\n", [400]),
+        (NOPE + b"X: a\x01b\r\n\r\n", [400]),
+        (f"GET http://t{LOOKUP} HTTP/1.1\r\nHost: t\r\n\r\n".encode(), [200, 200]),
+        (f"GET {LOOKUP} HTTP/1.0\r\nConnection: keep-alive\r\n\r\n".encode(), [200, 200]),
+        (
+            b"PUT /v1/agent/service/register HTTP/1.1\r\nHost: t\r\n"
+            b"Expect: 100-continue\r\nContent-Length: 2\r\n\r\n{}",
+            [100, 400, 200],
+        ),
+    ],
+)
+async def test_what_aiohttp_frames_is_never_answered_here(
+    api: RunningApi, raw: Raw, request_bytes: bytes, wanted: list[int]
+) -> None:
+    await raw.get(LOOKUP)  # cached: the pipelined read below could be answered fast
+    raw.send(request_bytes + f"GET {LOOKUP} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+    assert await statuses_until_quiet(raw) == wanted
+    assert api.server.stats.fast == 0
+
+
+async def test_a_content_length_of_5000_digits_is_aiohttps(api: RunningApi, raw: Raw) -> None:
+    await raw.get(LOOKUP)
+    raw.send(NOPE + b"Content-Length: " + b"0" * 5000 + b"1\r\n\r\nx")
+    # aiohttp reads 1 and answers; the connection is not dropped by a ValueError of int().
+    assert await statuses_until_quiet(raw) == [404]
+
+
+async def test_an_error_in_the_fast_path_aborts_its_connection_only(
+    api: RunningApi, raw: Raw, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    parse_head = httpapi.parse_head
+
+    def failing(head: bytes) -> httpapi.RequestHead | None:
+        if b"X-Fail" in head:
+            raise RuntimeError("a bug")
+        return parse_head(head)
+
+    monkeypatch.setattr(httpapi, "parse_head", failing)
+    await raw.get(LOOKUP)
+    with caplog.at_level(logging.ERROR):
+        raw.send(f"GET {LOOKUP} HTTP/1.1\r\nHost: t\r\nX-Fail: 1\r\n\r\n".encode())
+        assert await raw.closed()
+    assert [r.name for r in caplog.records] == ["discovery.httpapi"]
+    other = await connect(api)
+    try:
+        assert status((await other.get(LOOKUP))[0]) == 200
+        assert len(api.server._runner.app[httpapi.STATE].connections) == 1  # the other one
+    finally:
+        other.writer.close()
+        await other.writer.wait_closed()
+
+
+async def test_pipelined_requests_split_at_every_byte(api: RunningApi, raw: Raw) -> None:
+    register = json.dumps({"Name": "web", "ID": "web-9", "Port": 99}).encode()
+    get = f"GET {LOOKUP} HTTP/1.1\r\nHost: t\r\n\r\n".encode()
+    pipeline = (
+        get
+        + b"PUT /v1/agent/service/register HTTP/1.1\r\nHost: t\r\n"
+        + f"Content-Length: {len(register)}\r\n\r\n".encode()
+        + register
+        + get
+        + NOPE
+        + b"\r\n"
+        + get
+    )
+    raw.writer.transport.get_extra_info("socket").setsockopt(
+        socket.IPPROTO_TCP, socket.TCP_NODELAY, 1
+    )
+    await raw.get(LOOKUP)
+    for cut in range(1, len(pipeline)):
+        raw.send(pipeline[:cut])
+        await asyncio.sleep(0.001)  # two segments, read apart
+        raw.send(pipeline[cut:])
+        answers = [await raw.response() for _ in range(5)]
+        assert [status(head) for head, _ in answers] == [200, 200, 200, 404, 200], cut
+        for _, body in answers[2::2]:
+            assert [i["Service"]["ID"] for i in json.loads(body)] == ["web-1", "web-2", "web-9"]
+    assert api.server.stats.fast > len(pipeline)  # most of those reads were the fast path's
+
+
+async def test_a_deep_pipeline_never_read_stays_bounded() -> None:
+    many = [inst("web", f"web-{n}") for n in range(40)]  # big answers: writing pauses soon
+    async with running_api(instances=many) as api:
+        conn = await connect(api)
+        try:
+            await conn.get(LOOKUP)
+            # About 230 KB of requests (a read or four of the server's), answered with
+            # 70 MB: the socket buffers fill and writing pauses long before the last.
+            count = 3000
+            conn.send(f"GET {LOOKUP} HTTP/1.1\r\nHost: t\r\n\r\n".encode() * count)
+            (fast,) = api.server._runner.app[httpapi.STATE].connections
+            for _ in range(100):  # until aiohttp holds requests the client does not read
+                if fast._handler is not None:
+                    break
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.2)
+            assert fast._handler is not None
+            # aiohttp's own bound is 32 queued requests (then it stops reading); the
+            # fast path must not queue the rest of a read behind it one by one.
+            assert len(fast._handler._messages) <= 64
+            assert fast._transport is not None
+            assert fast._transport.get_write_buffer_size() <= 1 << 20
+            for _ in range(count):
+                head, body = await conn.response()
+                assert status(head) == 200
+                assert len(json.loads(body)) == 40
+        finally:
+            conn.writer.close()
+            await conn.writer.wait_closed()
+    assert api.server.stats.requests[ROUTE] == count + 1

@@ -38,6 +38,7 @@ def head(*fields: bytes, line: bytes = LOOKUP) -> bytes:
         ),
         (head(b"Content-Length: 12"), b"GET", LOOKUP.split()[1], 1, {b"content-length": b"12"}, 12),
         (head(b"Connection: close"), b"GET", LOOKUP.split()[1], 1, {b"connection": b"close"}, 0),
+        (head(b"Content-Length: 0"), b"GET", LOOKUP.split()[1], 1, {b"content-length": b"0"}, 0),
     ],
 )
 def test_plain_heads(
@@ -56,7 +57,12 @@ def test_plain_heads(
         head(b"Content-Length: 1", b"Content-Length: 1"),
         head(b"Host: a", b"host: b"),  # aiohttp refuses some fields twice
         head(b"Content-Length: -1"),
+        head(b"Content-Length: +1"),
         head(b"Content-Length: 0x10"),
+        head(b"Content-Length: 01"),  # leading zero: aiohttp's to judge
+        head(b"Content-Length: 1, 1"),  # a list
+        head(b"Content-Length: " + b"0" * 5000 + b"1"),  # int() refuses over 4300 digits
+        head(b"Content-Length: 1" + b"0" * 10),
         head(f"Content-Length: {MAX_FRAMED_BODY + 1}".encode()),
         head(*[f"X-{n}: v".encode() for n in range(MAX_FIELDS + 1)]),
         head(b"Host : x"),  # space before the colon
