@@ -28,9 +28,10 @@ and does, for every route, what the endpoint modules must not care about:
   requests itself; a plain ``GET`` of a target whose whole response (status
   line, headers, body) is cached for the current snapshot is answered with
   one write, counted and logged as aiohttp would have; every other request
-  goes, in order, to aiohttp's own protocol on that connection.  aiohttp's
-  per-request cost (request object, routing, middleware, Response) is ~3/4 of
-  a cached lookup's, hence this (tests/bench/README.md, HTTP section).
+  goes, in order, to aiohttp's own protocol on that connection (the framing
+  is :mod:`discovery.httpwire`'s, pure).  aiohttp's per-request cost (request
+  object, routing, middleware, Response) is ~3/4 of a cached lookup's, hence
+  this (tests/bench/README.md, HTTP section).
 
 Counters for metrics are in :class:`HttpStats` (requests by method, route and
 status, and how many the fast path answered; the number of blocked requests).
@@ -43,7 +44,6 @@ import dataclasses
 import json
 import logging
 import random
-import re
 import socket
 import time
 from collections import Counter, OrderedDict
@@ -62,6 +62,14 @@ from discovery.api import ApiContext, ApiError, ApiRequest, ApiResponse, Route
 from discovery.blocking import MIN_INDEX, Waiters, watch_index
 from discovery.durations import parse_duration
 from discovery.errors import NotFoundError, ValidationError
+from discovery.httpwire import (
+    HEAD_END,
+    MAX_HEAD,
+    TOKEN_HEADERS,
+    RequestHead,
+    parse_head,
+    parse_token,
+)
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger(f"{__name__}.access")
@@ -76,13 +84,7 @@ CACHE_BYTES = 64 << 20  # and at most this many bytes of them
 # the kernel drop their SYNs and the clients back off for seconds (Linux caps it at somaxconn).
 LISTEN_BACKLOG = 4096
 SHUTDOWN_GRACE = 2.0  # seconds for in-flight requests when the server closes
-TOKEN_HEADERS = ("X-Consul-Token", "X-Nomad-Token")
-# The fast path (_Connection) frames requests itself up to these sizes; beyond them
-# (and for anything unusual) aiohttp frames and judges the connection's requests.
 KEEPALIVE_TIMEOUT = 75.0  # seconds an idle connection stays open: aiohttp's default
-MAX_HEAD = 8190  # bytes of a request head (aiohttp's limit for one line)
-MAX_FIELDS = 32  # header fields (aiohttp refuses over 128)
-MAX_FRAMED_BODY = 64 << 10  # bytes; larger bodies (writes, up to MAX_BODY) stream to aiohttp
 BLOCKING_PARAMS = frozenset({"index", "wait"})
 UNMATCHED = "<unmatched>"  # the route label of requests no route matched
 # Consul clients (py-consul, consul-template) read these; a single agent is its own leader.
@@ -562,76 +564,10 @@ class _AccessLog(AbstractAccessLogger):
 
 # -- the fast path: cached reads answered from their whole response -------------------------
 
-HEAD_END = b"\r\n\r\n"
-# RFC 9112 section 3 (request-line) and section 5 (field-line), origin-form targets only;
-# anything else is not "plain" and aiohttp frames it (and answers 400 if it must).
-_TCHAR = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
-_REQUEST_LINE = re.compile(rb"(" + _TCHAR + rb") (/[!-~]*) HTTP/1\.([01])")
-_FIELD_LINE = re.compile(rb"(" + _TCHAR + rb"):[ \t]*([\t -~\x80-\xff]*?)[ \t]*")
-# Fields that change how a message is framed or answered before its body is read, or
-# that aiohttp refuses (Sec-WebSocket-Key1: the old WebSocket draft).
-_UNFRAMED_FIELDS = frozenset({b"transfer-encoding", b"expect", b"upgrade", b"sec-websocket-key1"})
-_TOKEN_FIELDS = tuple(name.lower().encode() for name in TOKEN_HEADERS)
-# A Content-Length framed here: plain decimal, no sign, no leading zero, no list (RFC 9110
-# section 8.6 allows "1*DIGIT"; anything else is aiohttp's to judge).  Short, too: int()
-# refuses strings of over 4300 digits, and that ValueError would escape data_received.
-_CONTENT_LENGTH = re.compile(rb"0|[1-9][0-9]{0,9}")
 # aiohttp's RequestHandler awaits this future (private: aiohttp has no public "idle") while
 # it holds no request of its connection.  Absent, its handler is never idle: once aiohttp
 # has answered on a connection, the fast path leaves it alone (slower, never out of order).
 _AIOHTTP_WAITER = "_waiter"
-
-
-@dataclass(frozen=True, slots=True)
-class RequestHead:
-    """The request line and fields of one plain HTTP/1.x request."""
-
-    method: bytes
-    target: bytes  # origin-form, raw (percent-encoded, query included)
-    minor: int  # HTTP/1.<minor>
-    fields: Mapping[bytes, bytes]  # lowercased name -> value
-    body: int  # Content-Length (0 without one)
-
-
-def parse_head(head: bytes) -> RequestHead | None:
-    """A request head (without its blank line); None unless it is plain and framed by length.
-
-    Plain: origin-form target, at most MAX_FIELDS valid field lines, no name
-    twice, a Content-Length of at most MAX_FRAMED_BODY if any, none of
-    _UNFRAMED_FIELDS.  Pure.
-    """
-    line, _, rest = head.partition(b"\r\n")
-    request = _REQUEST_LINE.fullmatch(line)
-    if request is None or request[1] == b"CONNECT":
-        return None
-    fields: dict[bytes, bytes] = {}
-    lines = rest.split(b"\r\n") if rest else ()
-    if len(lines) > MAX_FIELDS:
-        return None
-    for field in lines:
-        match = _FIELD_LINE.fullmatch(field)
-        if match is None:
-            return None
-        name = match[1].lower()
-        if name in _UNFRAMED_FIELDS or name in fields:
-            return None
-        fields[name] = match[2]
-    length = fields.get(b"content-length", b"0")
-    if _CONTENT_LENGTH.fullmatch(length) is None or int(length) > MAX_FRAMED_BODY:
-        return None
-    return RequestHead(request[1], request[2], int(request[3]), fields, int(length))
-
-
-def parse_token(head: RequestHead) -> str | None:
-    """:func:`request_token` from a head's fields (a query's `token` is not looked for)."""
-    for name in _TOKEN_FIELDS:
-        value = head.fields.get(name, b"").strip()
-        if value:
-            return value.decode("utf-8", "surrogateescape")  # as aiohttp
-    scheme, _, credentials = head.fields.get(b"authorization", b"").strip().partition(b" ")
-    if scheme.lower() == b"bearer" and credentials.strip():
-        return credentials.strip().decode("utf-8", "surrogateescape")
-    return None
 
 
 class _Connection(asyncio.Protocol):
@@ -642,9 +578,10 @@ class _Connection(asyncio.Protocol):
     handler, if it has one yet, waits for a request: so responses stay in
     order) and writing is not paused; otherwise the whole request goes to
     aiohttp's handler, created on the first such request.  A request that is
-    not plain (see :func:`parse_head`) makes the connection aiohttp's for good,
-    and so does a pipeline deep enough to fill aiohttp's queue (it pauses
-    reading): from then on aiohttp's flow control bounds what is buffered.
+    not plain (see :func:`~discovery.httpwire.parse_head`) makes the
+    connection aiohttp's for good, and so does a pipeline deep enough to fill
+    aiohttp's queue (it pauses reading): from then on aiohttp's flow control
+    bounds what is buffered.
 
     Error handling: what cannot be answered here is aiohttp's to answer (400,
     413...); an exception in data_received (a bug) is logged and aborts this
@@ -741,10 +678,11 @@ class _Connection(asyncio.Protocol):
             if len(buffer) < size:
                 self._buffer = buffer
                 return
-            request, buffer = buffer[:size], buffer[size:]
             if self._answer(head):
+                buffer = buffer[size:]
                 continue
-            self._hand_over(request)
+            self._hand_over(buffer[:size])
+            buffer = buffer[size:]
             if not self._reading():
                 # aiohttp's queue of pipelined requests is full (its handler is busy
                 # or writing is paused): its flow control bounds the rest, as without us.

@@ -19,13 +19,14 @@ import re
 import socket
 import time
 from collections.abc import AsyncIterator
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import aiohttp
 import pytest
 import uvloop
 
-from discovery import httpapi
+from discovery import httpapi, httpwire
 from discovery.acl import AclSettings
 from discovery.model import Instance, make_instance
 from tests.integration.http_fixtures import LOCAL_NODE, RunningApi, running_api
@@ -418,7 +419,7 @@ async def test_an_error_in_the_fast_path_aborts_its_connection_only(
 ) -> None:
     parse_head = httpapi.parse_head
 
-    def failing(head: bytes) -> httpapi.RequestHead | None:
+    def failing(head: bytes) -> httpwire.RequestHead | None:
         if b"X-Fail" in head:
             raise RuntimeError("a bug")
         return parse_head(head)
@@ -496,3 +497,59 @@ async def test_a_deep_pipeline_never_read_stays_bounded() -> None:
             conn.writer.close()
             await conn.writer.wait_closed()
     assert api.server.stats.requests[ROUTE] == count + 1
+
+
+async def test_without_aiohttps_waiter_reads_after_aiohttp_are_aiohttps(
+    api: RunningApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fast path reads aiohttp's private `_waiter`; renamed, it is slower, never wrong."""
+    monkeypatch.setattr(httpapi, "_AIOHTTP_WAITER", "_no_such_attribute")
+    conn = await connect(api)
+    try:
+        await conn.get(LOOKUP)  # aiohttp's: the connection has its handler now
+        index = api.registry.snapshot.index
+        blocking = f"/v1/catalog/services?index={index}&wait=200ms"
+        conn.send(f"GET {blocking} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+        conn.send(f"GET {LOOKUP} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+        assert json.loads((await conn.response())[1]) == {"web": []}  # in order
+        for _ in range(3):
+            assert len(json.loads((await conn.get(LOOKUP))[1])) == 2
+        assert api.server.stats.fast == 0
+    finally:
+        conn.writer.close()
+        await conn.writer.wait_closed()
+    fresh = await connect(api)  # a connection aiohttp never served is still fast
+    try:
+        await fresh.get(LOOKUP)
+        assert api.server.stats.fast == 1
+    finally:
+        fresh.writer.close()
+        await fresh.writer.wait_closed()
+
+
+async def test_a_fast_answers_date_is_now(api: RunningApi, raw: Raw) -> None:
+    await raw.get(LOOKUP)
+    await asyncio.sleep(1.1)  # the cached Date field is per second
+    head, _ = await raw.get(LOOKUP)
+    assert api.server.stats.fast == 1
+    date = re.search(rb"\r\nDate: ([^\r]*)\r\n", head)
+    assert date is not None
+    assert abs(parsedate_to_datetime(date[1].decode()).timestamp() - time.time()) < 1.5
+
+
+async def test_a_percent_encoded_query_token_is_never_answered_fast() -> None:
+    acl = AclSettings(enabled=True, tokens={READ_TOKEN: "read"})
+    async with running_api(instances=[inst("web", "web-1")], acl=acl) as api:
+        conn = await connect(api)
+        try:
+            token = f"X-Consul-Token: {READ_TOKEN}\r\n"
+            assert status((await conn.get(LOOKUP, token))[0]) == 200  # cached now
+            encoded = LOOKUP + f"&%74oken={READ_TOKEN}"  # aiohttp decodes the name: token
+            for _ in range(2):
+                assert status((await conn.get(encoded))[0]) == 200
+            for _ in range(2):
+                assert status((await conn.get(LOOKUP + "&%74oken=wrong-secret-000"))[0]) == 403
+            assert api.server.stats.fast == 0  # a second of each was cached, and aiohttp's
+        finally:
+            conn.writer.close()
+            await conn.writer.wait_closed()

@@ -1,4 +1,4 @@
-"""The fast path's pure parts: request heads, tokens, whole responses (discovery.httpapi)."""
+"""The fast path's pure parts: request heads, tokens (discovery.httpwire), whole responses."""
 
 from __future__ import annotations
 
@@ -6,14 +6,13 @@ import pytest
 from aiohttp.http import SERVER_SOFTWARE
 
 from discovery.acl import Access
-from discovery.httpapi import (
+from discovery.httpapi import _Encoded, render_wire
+from discovery.httpwire import (
     MAX_FIELDS,
     MAX_FRAMED_BODY,
     RequestHead,
-    _Encoded,
     parse_head,
     parse_token,
-    render_wire,
 )
 
 LOOKUP = b"GET /v1/health/service/web?passing HTTP/1.1"
