@@ -28,7 +28,7 @@ import uvloop
 
 from discovery import httpapi, httpwire
 from discovery.acl import AclSettings
-from discovery.model import Instance, make_instance
+from discovery.model import Check, CheckKind, Health, Instance, make_instance
 from tests.integration.http_fixtures import LOCAL_NODE, RunningApi, running_api
 
 DEADLINE = 5.0  # seconds for anything that should take milliseconds on loopback
@@ -550,6 +550,38 @@ async def test_a_percent_encoded_query_token_is_never_answered_fast() -> None:
             for _ in range(2):
                 assert status((await conn.get(LOOKUP + "&%74oken=wrong-secret-000"))[0]) == 403
             assert api.server.stats.fast == 0  # a second of each was cached, and aiohttp's
+        finally:
+            conn.writer.close()
+            await conn.writer.wait_closed()
+
+
+async def test_a_health_or_output_change_is_never_answered_stale() -> None:
+    check = Check("ttl-web-1", "ttl", CheckKind.TTL, ttl=60.0, status=Health.PASSING, output="a")
+    web = make_instance(
+        service="web",
+        id="web-1",
+        port=80,
+        node=LOCAL_NODE.name,
+        address="127.0.0.1",
+        checks=[check],
+    )
+    async with running_api(instances=[web]) as api:
+        conn = await connect(api)
+        try:
+            target = "/v1/health/service/web"
+            for output, health in (("b", Health.PASSING), ("b", Health.WARNING)):
+                await conn.get(target)
+                fast = api.server.stats.fast
+                assert status((await conn.get(target))[0]) == 200
+                assert api.server.stats.fast == fast + 1  # cached: answered fast
+                api.registry.update_check("ttl-web-1", health, output=output)
+                (entry,) = json.loads((await conn.get(target))[1])
+                assert [
+                    (c["Status"], c["Output"])
+                    for c in entry["Checks"]
+                    if c["CheckID"] == "ttl-web-1"
+                ] == [(health.value, output)]
+                assert api.server.stats.fast == fast + 1  # the change was aiohttp's
         finally:
             conn.writer.close()
             await conn.writer.wait_closed()
