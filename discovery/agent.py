@@ -140,10 +140,17 @@ class LazyNetwork:
     Exceptions come back to the caller as raised; a cancelled caller cancels the
     call on that loop (netsetup then undoes a setup it cut short).  After close()
     every call raises StateError: no second loop or thread is started.
+
+    Reconcile (persisted bridge allocations, as root) runs before the first call
+    is served.  Error handling: when it fails, that call raises its error and the
+    next call tries again; no call is served on an unreconciled host.
     """
 
-    def __init__(self, config: NetConfig) -> None:
+    def __init__(self, config: NetConfig, *, privileged: Callable[[], bool] | None = None) -> None:
+        """`privileged` says whether reconcile may touch the kernel (default: euid 0)."""
         self._config = config
+        self._privileged = privileged or (lambda: os.geteuid() == 0)
+        self._reconciled = False
         self._manager: NetworkManager | None = None
         self._state: NetState | None = None
         self._close_firewall: Callable[[], None] = lambda: None
@@ -167,6 +174,23 @@ class LazyNetwork:
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(inside(), self._loop))
 
     async def _open(self) -> NetworkManager:
+        manager = await self._start_manager()
+        if not self._reconciled and self._state is not None:
+            await self._reconcile(manager, self._state)
+            self._reconciled = True
+        return manager
+
+    async def _reconcile(self, manager: NetworkManager, state: NetState) -> None:
+        bridged = any(r.spec.mode == "bridge" for r in state.allocations())
+        if bridged and self._privileged():
+            try:
+                report = await manager.reconcile()
+            except Exception as exc:
+                log.error("allocation networking could not be reconciled (retried): %s", exc)
+                raise
+            log.info("allocation networking reconciled: %s", report)
+
+    async def _start_manager(self) -> NetworkManager:
         if self._manager is not None:
             return self._manager
         # Imported here: pyroute2 costs the agent memory it needs only for jobs.
@@ -183,10 +207,6 @@ class LazyNetwork:
             state.close()
             raise
         self._manager, self._state, self._close_firewall = manager, state, firewall.close
-        bridged = any(r.spec.mode == "bridge" for r in state.allocations())
-        if bridged and os.geteuid() == 0:
-            report = await manager.reconcile()
-            log.info("allocation networking reconciled: %s", report)
         return manager
 
     async def setup(self, alloc_id: str, spec: NetworkSpec) -> AllocNetwork:

@@ -20,13 +20,26 @@ Tasks are not run: a user runs them with each allocation's NOMAD_* env.
     start()        at agent start: the persisted jobs come back; allocations
                    netsetup still has are registered again (their check statuses
                    kept), missing ones are set up again, and the allocations a
-                   replacement left behind are torn down.
+                   replacement left behind are torn down.  A document that cannot
+                   be read is logged and skipped: the job is *dead* (`dead`, with
+                   the reason), its services are not served, its allocations stay
+                   in netsetup's state (`waypost net list`); the other jobs start.
+                   A run of that id replaces it, a stop forgets it.
 
 Persistence: one document per job in the store (:meth:`Store.put_job`):
 ``{"Job": <render_job>, "Allocs": [{ID, Name, TaskGroup, Index}], "Retiring": [ids]}``,
 written before the registry batch of a run and deleted before a stop's teardown,
 so a crash never brings back a stopped job.  A crash in the middle of a run's
 setups leaves their reservations in netsetup's state (`waypost net list`).
+
+The document is what makes a job durable: `start()` rebuilds its instances and
+allocations from it.  So a run or stop commits at its document write; a store
+failure after that (the registry batch not written: :meth:`Store.durable`, or
+the rewrite after retiring) does not undo it: the job runs (or is stopped) as
+answered, the failure is logged and returned as a warning (`RunningJob.warnings`,
+stop's list), the store retries the batch on its own and reports itself unhealthy
+until it succeeds.  A document write that fails leaves nothing of the run or
+stop applied.
 
 Concurrency: runs and stops are serialized by one lock; reads (`jobs`, `allocs`)
 take the current dict and never wait.  `close()` waits for the run or stop in
@@ -36,7 +49,8 @@ Cancellation (a client gone, the agent stopping): a run cancelled before its
 registry batch undoes itself (its setups torn down, the job's document put back
 as it was: a store write that was under way still lands); a teardown sequence
 (stop, undo, retiring) is never cut short, it finishes and then the cancellation
-is raised.
+is raised.  A stop is never cut short once it has begun: its document delete
+lands even when the caller is gone, so the rest (deregistration, teardown) runs too.
 """
 
 from __future__ import annotations
@@ -110,6 +124,7 @@ class RunningJob:
     spec: JobSpec
     allocs: tuple[RunningAlloc, ...]
     modify_index: int = 0  # the registry index of its last run
+    warnings: tuple[str, ...] = ()  # store failures after its last run committed
 
     @property
     def instance_ids(self) -> list[str]:
@@ -182,6 +197,7 @@ class JobRunner:
         self._network: NetworkPort | None = None
         self._node = node
         self._jobs: dict[str, RunningJob] = {}
+        self._dead: dict[str, str] = {}  # job id -> why its document could not be read
         self._lock = asyncio.Lock()
         self._closed = False
         self.last_index = 0  # the registry index of the last run, stop or start
@@ -234,15 +250,37 @@ class JobRunner:
                 allocs=[Alloc(a.plan.id, alloc_addresses(a.network), a.plan.name) for a in allocs],
                 drop_allocs=retiring,
             )
-            job = replace(job, modify_index=snap.index)
             self.last_index = snap.index
-            self._jobs[spec.id] = job
+            self._jobs[spec.id] = job = replace(job, modify_index=snap.index)
+            if self._dead.pop(spec.id, None) is not None:
+                log.warning("dead job %s replaced; its old allocations are left", spec.id)
+            warnings: list[str] = []
             try:
-                await self._store.durable(snap.index)
+                await self._after_commit(spec.id, snap.index, warnings)
             finally:  # committed: the old version goes, even when this is cancelled
                 if retiring and not await self._teardown_all(network, retiring):
-                    await self._store.put_job(spec.id, render_doc(job))
+                    await self._after_commit(spec.id, None, warnings, render_doc(job))
+                if warnings:
+                    self._jobs[spec.id] = job = replace(job, warnings=tuple(warnings))
             return job, True
+
+    async def _after_commit(
+        self, job_id: str, index: int | None, warnings: list[str], doc: str | None = None
+    ) -> None:
+        """A store write after the commit (`index` durable, else `doc` written).
+
+        Error handling: a StateError does not undo what is committed: it is logged
+        and added to `warnings` (see the module docstring).
+        """
+        try:
+            if index is not None:
+                await self._store.durable(index)
+            else:
+                await self._store.put_job(job_id, doc)
+        except StateError as err:
+            what = "registry changes" if index is not None else "document"
+            log.error("job %s: applied, but its %s are not on disk yet: %s", job_id, what, err)
+            warnings.append(f"applied, but its {what} are not on disk yet: {err}")
 
     def _check_open(self) -> None:
         if self._closed:
@@ -322,43 +360,81 @@ class JobRunner:
         return errors
 
     async def stop(self, job_id: str) -> list[str]:
-        """Deregister job `job_id`, forget it, tear down its allocations; the teardown errors.
+        """Deregister job `job_id`, forget it, tear down its allocations; the problems.
 
-        Error handling: NotFoundError for an unknown job; StateError from the store
-        (the job is then still known and registered).
+        The problems are the teardown errors and a store failure after the document
+        delete (see the module docstring).  A dead job's document is deleted; its
+        allocations, unknown, stay in netsetup's state.  Cancelled, a stop finishes,
+        then raises CancelledError.  Error handling: NotFoundError for an unknown
+        job; StateError when the document cannot be deleted (nothing is changed).
         """
         async with self._lock:
             self._check_open()
             job = self._jobs.get(job_id)
-            if job is None:
+            if job is None and job_id not in self._dead:
                 raise NotFoundError(f"job {job_id!r} not found")
-            ids = [a.plan.id for a in job.allocs]
-            await self._store.put_job(job_id, None)
-            del self._jobs[job_id]
-            snap = self._registry.apply(removals=job.instance_ids, drop_allocs=ids)
-            self.last_index = snap.index
-            await self._store.durable(snap.index)
-            return await self._teardown_all(await self._net(), ids)
+            network = await self._net()
+            steps = self._forget_dead(job_id) if job is None else self._stop(job, network)
+            work = asyncio.ensure_future(steps)
+            try:
+                return await asyncio.shield(work)
+            except asyncio.CancelledError:
+                await asyncio.wait([work])
+                raise
+
+    async def _stop(self, job: RunningJob, network: NetworkPort) -> list[str]:
+        job_id, ids = job.spec.id, [a.plan.id for a in job.allocs]
+        await self._store.put_job(job_id, None)
+        del self._jobs[job_id]
+        snap = self._registry.apply(removals=job.instance_ids, drop_allocs=ids)
+        self.last_index = snap.index
+        problems: list[str] = []
+        await self._after_commit(job_id, snap.index, problems)
+        return problems + await self._teardown_each(network, ids)
+
+    async def _forget_dead(self, job_id: str) -> list[str]:
+        await self._store.put_job(job_id, None)
+        reason = self._dead.pop(job_id)
+        log.warning("dead job %s forgotten (%s); its allocations are left", job_id, reason)
+        return [
+            f"{job_id}: its document could not be read, so its allocations (if any) are"
+            " left in netsetup's state (`waypost net list`)"
+        ]
+
+    @property
+    def dead(self) -> Mapping[str, str]:
+        """The jobs whose document could not be read at start, with the reason."""
+        return self._dead
 
     # -- start ----------------------------------------------------------------------
 
     async def start(self) -> None:
         """Bring the persisted jobs back (see the module docstring).
 
-        The network is opened only when there are jobs.  Error handling: StateError
-        for an unreadable document; an allocation that cannot be set up again is
-        logged and left out (the job runs without it).
+        The network is opened only when there are jobs.  Error handling: an
+        unreadable document makes its job dead (logged, in `dead`); an allocation
+        that cannot be set up again is logged and left out (the job runs without it).
         """
         docs = await asyncio.to_thread(self._store.load_jobs)
         async with self._lock:
             restored: dict[str, RunningJob] = {}
             for ident, text in sorted(docs.items()):
-                spec, plans, retiring = parse_doc(text)
+                try:
+                    spec, plans, retiring = parse_doc(text)
+                except StateError as err:
+                    log.error(
+                        "job %s is dead, not started (its allocations stay in netsetup's"
+                        " state, `waypost net list`): %s",
+                        ident,
+                        err,
+                    )
+                    self._dead[ident] = str(err)
+                    continue
                 network = await self._net()
                 restored[ident] = await self._restore(network, spec, plans)
-                if retiring:
-                    await self._teardown_all(network, retiring)
-                    await self._store.put_job(ident, render_doc(restored[ident]))
+                if retiring and not await self._teardown_all(network, retiring):
+                    warnings: list[str] = []
+                    await self._after_commit(ident, None, warnings, render_doc(restored[ident]))
             self._register_restored(restored)
 
     async def _restore(

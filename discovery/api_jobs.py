@@ -17,7 +17,11 @@ cannot be had a 409, a host that cannot do it (bridge mode without root) a 500
 saying so; in every case nothing of the request is left applied.
 
 Tasks are not run: `ClientStatus` "running" means the allocation's network is up
-and its services are registered.  These reads are not blocking queries.
+and its services are registered.  A job whose persisted document could not be read
+at start is listed with Status "dead" and the reason in StatusDescription (no
+allocations); DELETE forgets it.  A store failure after a run or stop committed
+(see discovery.allocations) is a 200 whose Warnings say so.  These reads are not
+blocking queries.
 """
 
 from __future__ import annotations
@@ -50,6 +54,21 @@ def _job_stub(job: RunningJob) -> Json:
         "CreateIndex": job.modify_index,
         "ModifyIndex": job.modify_index,
         "JobModifyIndex": job.modify_index,
+    }
+
+
+def render_dead_stub(job_id: str, reason: str) -> Json:
+    """A job whose document could not be read at start: not running, nothing served."""
+    return {
+        "ID": job_id,
+        "Name": job_id,
+        "Namespace": NAMESPACE,
+        "Type": "service",
+        "Status": "dead",
+        "StatusDescription": reason,
+        "CreateIndex": 0,
+        "ModifyIndex": 0,
+        "JobModifyIndex": 0,
     }
 
 
@@ -152,25 +171,35 @@ def routes(runner: JobRunner, node: str) -> tuple[Route, ...]:
             "EvalID": "",
             "EvalCreateIndex": index,
             "JobModifyIndex": index,
-            "Warnings": "" if changed else "job unchanged",
+            "Warnings": "; ".join(job.warnings) if changed else "job unchanged",
             "Index": index,
         }
         return ApiResponse(body, index=index)
 
     def list_jobs(_req: ApiRequest, _snap: Snapshot) -> ApiResponse:
-        return ApiResponse([_job_stub(runner.jobs[k]) for k in sorted(runner.jobs)])
+        stubs = {k: _job_stub(job) for k, job in runner.jobs.items()}
+        stubs.update((k, render_dead_stub(k, why)) for k, why in runner.dead.items())
+        return ApiResponse([stubs[k] for k in sorted(stubs)])
 
-    def _job(req: ApiRequest) -> RunningJob:
-        job = runner.jobs.get(req.params["id"])
-        if job is None:
-            raise ApiError(404, f"job {req.params['id']!r} not found", "id")
+    def _job(req: ApiRequest) -> RunningJob | None:
+        """The running job of the request's id; None for a dead one; 404 for neither."""
+        ident = req.params["id"]
+        job = runner.jobs.get(ident)
+        if job is None and ident not in runner.dead:
+            raise ApiError(404, f"job {ident!r} not found", "id")
         return job
 
     def get_job(req: ApiRequest, _snap: Snapshot) -> ApiResponse:
-        return ApiResponse(render_job_detail(_job(req)))
+        job = _job(req)
+        if job is None:
+            ident = req.params["id"]
+            return ApiResponse(render_dead_stub(ident, runner.dead[ident]))
+        return ApiResponse(render_job_detail(job))
 
     def job_allocs(req: ApiRequest, _snap: Snapshot) -> ApiResponse:
         job = _job(req)
+        if job is None:
+            return ApiResponse([])
         return ApiResponse([render_alloc_stub(job, a, node) for a in job.allocs])
 
     async def deregister(req: ApiRequest, _ctx: ApiContext) -> ApiResponse:

@@ -392,3 +392,123 @@ async def test_start_redoes_a_setup_a_crash_left_half_done() -> None:
     await again.start()
     assert [a.plan.id for a in again.jobs["web"].allocs] == [a.plan.id for a in job.allocs]
     assert broken in net.allocs and broken not in net.half
+
+
+class FailingDisk(MemoryJobs):
+    """The store when its registry batches fail (durable raises) and, on request, writes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail_durable = False
+        self.fail_writes = False
+
+    async def put_job(self, ident: str, data: str | None) -> None:
+        if self.fail_writes:
+            raise StateError("jobs.db: cannot write job (injected)")
+        await super().put_job(ident, data)
+
+    async def durable(self, index: int) -> None:
+        if self.fail_durable:
+            raise StateError(f"jobs.db: cannot commit up to index {index} (injected)")
+
+
+async def test_a_registry_batch_not_written_after_the_document_is_a_warning() -> None:
+    store = FailingDisk()
+    jobs, net, _, registry = runner(store=store)
+    store.fail_durable = True
+    job, changed = await jobs.run(spec())
+    assert changed and len(job.warnings) == 1 and "index" in job.warnings[0]
+    assert jobs.jobs["web"] == job and len(job_instances(registry)) == 3
+    assert parse_doc(store.docs["web"])[1] == tuple(a.plan for a in job.allocs)
+    problems = await jobs.stop("web")
+    assert len(problems) == 1 and "not on disk" in problems[0]
+    assert net.allocs == {} and store.docs == {} and job_instances(registry) == []
+
+
+async def test_a_replacement_whose_last_rewrite_fails_keeps_the_retiring_ids() -> None:
+    store = FailingDisk()
+    jobs, net, _, _ = runner(store=store)
+    old, _ = await jobs.run(spec(tag="v1"))
+
+    async def fail_after_teardown(alloc_id: str) -> bool:
+        store.fail_writes = True  # the document is written; its rewrite after retiring fails
+        return net.allocs.pop(alloc_id, None) is not None
+
+    net.teardown = fail_after_teardown  # type: ignore[method-assign]
+    new, _ = await jobs.run(spec(tag="v2"))
+    assert len(new.warnings) == 1 and "document" in new.warnings[0]
+    assert set(net.allocs) == {a.plan.id for a in new.allocs}
+    retiring = parse_doc(store.docs["web"])[2]
+    assert set(retiring) == {a.plan.id for a in old.allocs}  # the next start retries them
+
+
+async def test_a_document_delete_that_fails_stops_nothing() -> None:
+    store = FailingDisk()
+    jobs, net, _, registry = runner(store=store)
+    job, _ = await jobs.run(spec())
+    store.fail_writes = True
+    with pytest.raises(StateError):
+        await jobs.stop("web")
+    assert jobs.jobs["web"] == job and len(net.allocs) == len(job_instances(registry)) == 3
+
+
+class SlowWrite(MemoryJobs):
+    """The store's executor: a write, once begun, lands even when its caller is cancelled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate: asyncio.Event | None = None
+        self.waiting = False
+
+    async def put_job(self, ident: str, data: str | None) -> None:
+        await asyncio.shield(self._write(ident, data))
+
+    async def _write(self, ident: str, data: str | None) -> None:
+        if self.gate is not None:
+            self.waiting = True
+            await self.gate.wait()
+        await super().put_job(ident, data)
+
+
+async def test_a_stop_cancelled_during_its_document_delete_still_stops() -> None:
+    store = SlowWrite()
+    jobs, net, _, registry = runner(store=store)
+    await jobs.run(spec())
+    store.gate = asyncio.Event()
+    stopping = asyncio.create_task(jobs.stop("web"))
+    await until(lambda: store.waiting, "the delete started")
+    stopping.cancel()
+    for _ in range(10):
+        await asyncio.sleep(0)
+    store.gate.set()
+    with pytest.raises(asyncio.CancelledError):
+        await stopping
+    assert store.docs == {} and jobs.jobs == {}
+    assert net.allocs == {} and job_instances(registry) == [] and registry.snapshot.allocs == {}
+
+
+async def test_an_unreadable_document_makes_its_job_dead_and_the_rest_start() -> None:
+    jobs, net, store, registry = runner()
+    await jobs.run(spec("good"))
+    bad, _ = await jobs.run(spec("bad", count=1))
+    held = bad.allocs[0].plan.id
+    store.docs["bad"] = '{"Job": {"ID": "bad", "TaskGroups": "not a list"}}'
+    again, _, _, _ = runner(net, store, registry)
+    await again.start()
+    assert set(again.jobs) == {"good"} and "cannot be read" in again.dead["bad"]
+    assert [i.service for i in registry.snapshot.instances.values()] == ["good"] * 3
+    assert held in net.allocs  # left to netsetup's state: nothing knows what it was
+    problems = await again.stop("bad")
+    assert len(problems) == 1 and "waypost net list" in problems[0]
+    assert "bad" not in store.docs and again.dead == {}
+    with pytest.raises(NotFoundError):
+        await again.stop("bad")
+
+
+async def test_a_run_replaces_a_dead_job() -> None:
+    jobs, _, store, _ = runner()
+    store.docs["web"] = "not json"
+    await jobs.start()
+    assert set(jobs.dead) == {"web"}
+    job, changed = await jobs.run(spec())
+    assert changed and jobs.dead == {} and parse_doc(store.docs["web"])[0] == job.spec
