@@ -5,17 +5,23 @@ use against a local agent:
 
     PUT /v1/agent/service/register            PUT /v1/agent/service/deregister/:id
     PUT /v1/agent/check/{pass,warn,fail}/:id  PUT /v1/agent/check/update/:id
-    GET /v1/agent/services   GET /v1/agent/checks
+    GET /v1/agent/services   GET /v1/agent/checks   GET /v1/agent/service/:id
     GET /v1/agent/health/service/name/:name   GET /v1/agent/health/service/id/:id
-    GET /v1/catalog/services GET /v1/catalog/service/:name
-    GET /v1/health/service/:name               GET /v1/health/state/:state
+    GET /v1/catalog/services GET /v1/catalog/service/:name   GET /v1/catalog/node/:node
+    GET /v1/health/service/:name    GET /v1/health/checks/:name
+    GET /v1/health/node/:node       GET /v1/health/state/:state
+
+and, from :mod:`discovery.api_consul_node` (ROUTES includes them), the node-level
+ones: agent/self, status/leader and peers, catalog/datacenters and nodes.
 
 Reads are functions of a snapshot (blocking and encoding are the adapter's);
 the agent endpoints show the local node's instances, the catalog and health
 ones every instance of the datacenter chosen by `?dc=` (the local one by
-default).  `?tag=` (repeatable, AND-ed, case-insensitive), `?passing`,
-`?node-meta=k:v` and `?filter=` (:mod:`discovery.filter`, applied to each
-element's JSON) narrow the results as in Consul.
+default).  `/v1/agent/service/:id` blocks on `?hash=` (Consul's hash-based
+blocking): its ContentHash is a hash of the service definition it shows.
+`?tag=` (repeatable, AND-ed, case-insensitive), `?passing`, `?node-meta=k:v`
+and `?filter=` (:mod:`discovery.filter`, applied to each element's JSON)
+narrow the results as in Consul.
 
 Registration bodies are decoded as Consul decodes them (keys case-insensitive,
 snake_case aliases, durations as Go strings or nanoseconds); Consul fields
@@ -26,12 +32,13 @@ and an unknown field is a 400 naming it (as Consul 1.7+ does).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
-import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from discovery import api_consul_node
 from discovery.acl import Access
 from discovery.api import (
     WATCH_ALL,
@@ -43,9 +50,20 @@ from discovery.api import (
     Route,
     Write,
 )
+from discovery.api_consul_node import (
+    address_family,
+    api_error,
+    chosen_datacenter,
+    filtered,
+    in_datacenter,
+    local_datacenter,
+    node_of,
+    parse_node_meta,
+    render_node,
+)
+from discovery.api_consul_node import node_id as node_id  # noqa: PLC0414 (api_nomad's, api_jobs')
 from discovery.durations import format_duration, parse_duration
 from discovery.errors import NotFoundError, ValidationError
-from discovery.filter import parse_filter_arg
 from discovery.model import (
     MAX_OUTPUT,
     Check,
@@ -59,46 +77,17 @@ from discovery.model import (
 from discovery.registry import Snapshot
 
 Json = dict[str, Any]
-# Node IDs are UUIDs in Consul; ours are derived from the node name so they are stable.
-NODE_ID_NAMESPACE = uuid.UUID("5b8f1d4e-7c1a-4f5e-9a57-2f0c6d3b9e10")
 CHECK_STATES = ("passing", "warning", "critical")
 # Consul's /v1/agent/health endpoints answer load balancers through the status code.
 HEALTH_STATUS = {Health.PASSING: 200, Health.WARNING: 429, Health.CRITICAL: 503}
 TEXT = "text/plain; charset=utf-8"
-# Nodes carry no indexes of their own here; a node is as old as the agent's view of it.
-NODE_INDEX = 1
-
-
-def api_error(status: int, field: str, message: str) -> ApiError:
-    """An ApiError whose text starts with the field it names ("Port: ...")."""
-    return ApiError(status, f"{field}: {message}", field)
+# Hash-based blocking (GET /v1/agent/service/:id?hash=): the hash in this header and in
+# the body's ContentHash; the adapter blocks while a `?hash=` request's hash is current.
+CONTENT_HASH = "X-Consul-ContentHash"
+HASH_DIGITS = 16  # Consul's hashes are 64-bit, printed in hex
 
 
 # -- where: datacenter, node, selection ---------------------------------------------
-
-
-def local_datacenter(req: ApiRequest) -> str:
-    """The agent's datacenter (lower case), as the adapter set it on the request."""
-    return req.datacenter
-
-
-def _datacenter(req: ApiRequest, snap: Snapshot) -> str:
-    """`?dc=` or the local datacenter; an unknown one is Consul's 500 "No path to datacenter"."""
-    local = local_datacenter(req)
-    wanted = (req.arg("dc") or local).lower()
-    if wanted != local and not _known_datacenter(snap, wanted):
-        raise api_error(500, "dc", f"No path to datacenter {wanted!r}")
-    return wanted
-
-
-def _known_datacenter(snap: Snapshot, dc: str) -> bool:
-    return any(n.datacenter.lower() == dc for n in snap.nodes.values()) or any(
-        i.datacenter.lower() == dc for i in snap.instances.values()
-    )
-
-
-def _in_dc(inst: Instance, dc: str, local: str) -> bool:
-    return (inst.datacenter.lower() or local) == dc
 
 
 def _is_local_agent(inst: Instance, snap: Snapshot) -> bool:
@@ -114,80 +103,31 @@ def _is_local_agent(inst: Instance, snap: Snapshot) -> bool:
     )
 
 
-def _node(snap: Snapshot, inst: Instance) -> Node:
-    found = snap.nodes.get(inst.node.lower())
-    return found if found is not None else Node(inst.node, inst.address, inst.datacenter)
-
-
-def _node_meta_filter(req: ApiRequest) -> list[tuple[str, str]]:
-    pairs = []
-    for value in req.query.get("node-meta", ()):
-        key, sep, wanted = value.partition(":")
-        if not sep or not key:
-            raise api_error(400, "node-meta", f'{value!r} is not "key:value"')
-        pairs.append((key, wanted))
-    return pairs
-
-
 def _selected(req: ApiRequest, snap: Snapshot, insts: Iterable[Instance]) -> list[Instance]:
     """`insts` in the chosen datacenter, with every `?tag=`, `?node-meta=` (and `?passing`)."""
-    dc, local = _datacenter(req, snap), local_datacenter(req)
+    dc, local = chosen_datacenter(req, snap), local_datacenter(req)
     tags = [t.lower() for t in req.query.get("tag", ())]
-    node_meta = _node_meta_filter(req)
+    node_meta = parse_node_meta(req)
     passing = req.flag("passing")
     out = []
     for inst in insts:
-        if not _in_dc(inst, dc, local) or (passing and inst.health is not Health.PASSING):
+        if not in_datacenter(inst, dc, local) or (passing and inst.health is not Health.PASSING):
             continue
         if tags and not set(tags) <= {t.lower() for t in inst.tags}:
             continue
         if node_meta:
-            meta = _node(snap, inst).meta
+            meta = node_of(snap, inst).meta
             if any(meta.get(k) != v for k, v in node_meta):
                 continue
         out.append(inst)
     return out
 
 
-def _filtered(req: ApiRequest, items: Iterable[Json]) -> list[Json]:
-    """`items` that pass `?filter=`; a bad filter is a 400 naming its position."""
-    try:
-        expr = parse_filter_arg(req.arg("filter"))
-        return [item for item in items if expr is None or expr.matches(item)]
-    except ValidationError as err:
-        raise ApiError.invalid(err) from None
-
-
 # -- Consul's JSON shapes ---------------------------------------------------------------
 
 
-def node_id(name: str) -> str:
-    """A stable UUID for a node (Consul's node IDs are UUIDs)."""
-    return str(uuid.uuid5(NODE_ID_NAMESPACE, name.lower()))
-
-
-def _family(address: str) -> str:
-    return "ipv6" if ":" in address else "ipv4"
-
-
-def render_node(node: Node, dc: str) -> Json:
-    """Consul's Node (the `Node` of a health ServiceEntry)."""
-    family = _family(node.address)
-    addr = node.address
-    return {
-        "ID": node_id(node.name),
-        "Node": node.name,
-        "Address": addr,
-        "Datacenter": dc,
-        "TaggedAddresses": {"lan": addr, f"lan_{family}": addr, "wan": addr, f"wan_{family}": addr},
-        "Meta": dict(node.meta),
-        "CreateIndex": NODE_INDEX,
-        "ModifyIndex": NODE_INDEX,
-    }
-
-
 def _service_tagged(inst: Instance) -> Json:
-    family = _family(inst.address)
+    family = address_family(inst.address)
     where = {"Address": inst.address, "Port": inst.port}
     return {f"lan_{family}": where, f"wan_{family}": where}
 
@@ -294,7 +234,7 @@ def render_catalog_service(inst: Instance, node: Node, dc: str) -> Json:
 def render_service_entry(snap: Snapshot, inst: Instance, dc: str) -> Json:
     """Consul's ServiceEntry: {Node, Service, Checks}."""
     return {
-        "Node": render_node(_node(snap, inst), dc),
+        "Node": render_node(node_of(snap, inst), dc),
         "Service": render_service(inst),
         "Checks": [render_check(inst, c) for c in inst.checks],
     }
@@ -311,7 +251,7 @@ def agent_services(req: ApiRequest, snap: Snapshot) -> ApiResponse:
     """GET /v1/agent/services: the local agent's instances by ID."""
     dc = local_datacenter(req)
     local = [i for i in snap.instances.values() if _is_local_agent(i, snap)]
-    shown = _filtered(req, (render_agent_service(i, dc) for i in sorted(local, key=_by_id)))
+    shown = filtered(req, (render_agent_service(i, dc) for i in sorted(local, key=_by_id)))
     return ApiResponse({s["ID"]: s for s in shown})
 
 
@@ -323,7 +263,7 @@ def agent_checks(req: ApiRequest, snap: Snapshot) -> ApiResponse:
         if _is_local_agent(inst, snap)
         for check in inst.checks
     ]
-    return ApiResponse({c["CheckID"]: c for c in _filtered(req, checks)})
+    return ApiResponse({c["CheckID"]: c for c in filtered(req, checks)})
 
 
 def catalog_services(req: ApiRequest, snap: Snapshot) -> ApiResponse:
@@ -331,7 +271,7 @@ def catalog_services(req: ApiRequest, snap: Snapshot) -> ApiResponse:
     insts = _selected(req, snap, snap.instances.values())
     if req.arg("filter"):
         entries = (_catalog_entry(req, snap, i) for i in insts)
-        wanted = {entry["ServiceID"] for entry in _filtered(req, entries)}
+        wanted = {entry["ServiceID"] for entry in filtered(req, entries)}
         insts = [i for i in insts if i.id in wanted]
     names: dict[str, list[str]] = {}
     for inst in sorted(insts, key=lambda i: (i.service, i.id)):
@@ -341,20 +281,20 @@ def catalog_services(req: ApiRequest, snap: Snapshot) -> ApiResponse:
 
 
 def _catalog_entry(req: ApiRequest, snap: Snapshot, inst: Instance) -> Json:
-    return render_catalog_service(inst, _node(snap, inst), _dc_of(inst, req))
+    return render_catalog_service(inst, node_of(snap, inst), _dc_of(inst, req))
 
 
 def catalog_service(req: ApiRequest, snap: Snapshot) -> ApiResponse:
     """GET /v1/catalog/service/:name: a CatalogService per instance, any health."""
     insts = _selected(req, snap, snap.service(req.params["name"]))
-    return ApiResponse(_filtered(req, (_catalog_entry(req, snap, i) for i in insts)))
+    return ApiResponse(filtered(req, (_catalog_entry(req, snap, i) for i in insts)))
 
 
 def health_service(req: ApiRequest, snap: Snapshot) -> ApiResponse:
     """GET /v1/health/service/:name: a ServiceEntry per instance (`?passing`: healthy ones)."""
     insts = _selected(req, snap, snap.service(req.params["name"]))
     entries = (render_service_entry(snap, i, _dc_of(i, req)) for i in insts)
-    return ApiResponse(_filtered(req, entries))
+    return ApiResponse(filtered(req, entries))
 
 
 def health_state(req: ApiRequest, snap: Snapshot) -> ApiResponse:
@@ -369,7 +309,7 @@ def health_state(req: ApiRequest, snap: Snapshot) -> ApiResponse:
         for check in inst.checks
         if state in ("any", check.status.value)
     ]
-    return ApiResponse(_filtered(req, checks))
+    return ApiResponse(filtered(req, checks))
 
 
 def _without(query: Mapping[str, Sequence[str]], *names: str) -> dict[str, Sequence[str]]:
@@ -408,6 +348,64 @@ def agent_health_by_id(req: ApiRequest, snap: Snapshot) -> ApiResponse:
     if inst is None or not _is_local_agent(inst, snap):
         raise api_error(404, "id", f"ServiceId {ident} not found")
     return _agent_health(req, snap, [inst])
+
+
+def _on_node(req: ApiRequest, snap: Snapshot) -> tuple[str, list[Instance]]:
+    """The chosen datacenter and the instances of node `:node` in it (case-insensitive)."""
+    dc, local = chosen_datacenter(req, snap), local_datacenter(req)
+    name = req.params["node"].lower()
+    insts = [
+        i for i in snap.instances.values() if i.node.lower() == name and in_datacenter(i, dc, local)
+    ]
+    return dc, sorted(insts, key=_by_id)
+
+
+def catalog_node(req: ApiRequest, snap: Snapshot) -> ApiResponse:
+    """GET /v1/catalog/node/:node: {Node, Services by ID}; null for an unknown node (as Consul)."""
+    dc, insts = _on_node(req, snap)
+    node = snap.nodes.get(req.params["node"].lower())
+    if node is not None and (node.datacenter.lower() or local_datacenter(req)) != dc:
+        node = None
+    if node is None and insts:
+        node = node_of(snap, insts[0])
+    if node is None:
+        return ApiResponse(None, content_type="application/json")
+    services = filtered(req, (render_service(i) for i in insts))
+    return ApiResponse({"Node": render_node(node, dc), "Services": {s["ID"]: s for s in services}})
+
+
+def health_node(req: ApiRequest, snap: Snapshot) -> ApiResponse:
+    """GET /v1/health/node/:node: the checks of the node's instances ([] for an unknown node)."""
+    _dc, insts = _on_node(req, snap)
+    return ApiResponse(filtered(req, (render_check(i, c) for i in insts for c in i.checks)))
+
+
+def health_checks(req: ApiRequest, snap: Snapshot) -> ApiResponse:
+    """GET /v1/health/checks/:name: the checks of the service's instances (`?node-meta=`)."""
+    req_all = dataclasses.replace(req, query=_without(req.query, "passing", "tag"))
+    insts = sorted(_selected(req_all, snap, snap.service(req.params["name"])), key=_by_id)
+    return ApiResponse(filtered(req, (render_check(i, c) for i in insts for c in i.checks)))
+
+
+def content_hash(body: Json) -> str:
+    """A stable hash of a JSON body (Consul's ContentHash: 64 bits in hex)."""
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(canonical).hexdigest()[:HASH_DIGITS]
+
+
+def agent_service(req: ApiRequest, snap: Snapshot) -> ApiResponse:
+    """GET /v1/agent/service/:id: a local instance's definition with its ContentHash.
+
+    The hash covers the definition only (not health): `?hash=` watchers wake
+    when the service is re-registered differently, as in Consul.
+    """
+    ident = req.params["id"]
+    inst = snap.instances.get(ident)
+    if inst is None or not _is_local_agent(inst, snap):
+        raise api_error(404, "id", f"unknown service ID: {ident}")
+    body = render_agent_service(inst, local_datacenter(req))
+    digest = content_hash(body)
+    return ApiResponse(body | {"ContentHash": digest}, headers={CONTENT_HASH: digest})
 
 
 def _by_id(inst: Instance) -> str:
@@ -799,8 +797,14 @@ ROUTES: tuple[Route, ...] = (
     _get("/v1/agent/checks", agent_checks, _everything),
     _get("/v1/agent/health/service/name/{name}", agent_health_by_name, None),
     _get("/v1/agent/health/service/id/{id}", agent_health_by_id, None),
+    # Not "register": a GET of PUT /v1/agent/service/register is a 405, as in Consul.
+    _get("/v1/agent/service/{id:(?!register$)[^/]+}", agent_service, _everything),
     _get("/v1/catalog/services", catalog_services, _everything),
     _get("/v1/catalog/service/{name}", catalog_service, _service_key),
+    _get("/v1/catalog/node/{node}", catalog_node, _everything),
     _get("/v1/health/service/{name}", health_service, _service_key),
+    _get("/v1/health/checks/{name}", health_checks, _service_key),
+    _get("/v1/health/node/{node}", health_node, _everything),
     _get("/v1/health/state/{state}", health_state, _everything),
+    *api_consul_node.ROUTES,
 )

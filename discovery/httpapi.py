@@ -15,6 +15,8 @@ and does, for every route, what the endpoint modules must not care about:
   route watches passes N; an index above the registry's is a reset and
   answers at once.  Every read answers with ``X-Consul-Index`` and
   ``X-Nomad-Index`` (and the leader headers Consul clients read).
+  Consul's hash-based blocking (``?hash=H&wait=D``): a read whose response
+  carries ``X-Consul-ContentHash`` waits while that hash is still H.
 - one encoding per change: the bodies of watched reads (those with watch
   keys, functions of the snapshot and the query only) are cached per (route,
   path, query without index/wait, snapshot index), so 10,000 watchers woken
@@ -70,6 +72,7 @@ from discovery.httpwire import (
     parse_head,
     parse_token,
 )
+from discovery.registry import Snapshot
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger(f"{__name__}.access")
@@ -85,7 +88,8 @@ CACHE_BYTES = 64 << 20  # and at most this many bytes of them
 LISTEN_BACKLOG = 4096
 SHUTDOWN_GRACE = 2.0  # seconds for in-flight requests when the server closes
 KEEPALIVE_TIMEOUT = 75.0  # seconds an idle connection stays open: aiohttp's default
-BLOCKING_PARAMS = frozenset({"index", "wait"})
+BLOCKING_PARAMS = frozenset({"index", "wait", "hash"})
+CONTENT_HASH = "X-Consul-ContentHash"  # set by reads that block on ?hash= (Consul's agent/service)
 UNMATCHED = "<unmatched>"  # the route label of requests no route matched
 # Consul clients (py-consul, consul-template) read these; a single agent is its own leader.
 LEADER_HEADERS = {
@@ -362,7 +366,7 @@ def _route_handler(route: Route) -> Handler:
         # The hot path of lookups: a non-blocking cached read, found by the raw query
         # string before anything is parsed (the same encoding _read caches).
         quick = None
-        if cacheable and "index" not in request.query:
+        if cacheable and "index" not in request.query and "hash" not in request.query:
             snap = state.ctx.registry.snapshot
             quick = (route.path, request.path, request.query_string, snap.index)
             encoded = state.cache.get(quick)
@@ -407,12 +411,54 @@ async def _read(state: _State, route: Route, req: ApiRequest) -> _Encoded:
         if wanted <= max(MIN_INDEX, snap.index) and watch_index(snap, keys) <= wanted:
             jitter = random.uniform(0, wait / JITTER_DIVISOR)
             snap = await state.stats.waiters.wait(keys, wanted, wait + jitter)
+    encoded = _cached_read(state, route, req, query, snap)
+    content_hash = req.arg("hash")
+    if blocking is None and content_hash:
+        encoded = await _wait_for_hash(state, route, req, query, content_hash, encoded)
+    return encoded
+
+
+def _cached_read(
+    state: _State, route: Route, req: ApiRequest, query: tuple[object, ...], snap: Snapshot
+) -> _Encoded:
+    """The encoded read of a watched route at `snap`, from the cache when it is there."""
+    assert route.read is not None and route.watch is not None
     key = (route.method, route.path, req.path, query, snap.index)
     encoded = state.cache.get(key)
     if encoded is None:
         response = route.read(req, snap)
+        keys = route.watch(req)
         encoded = _encode(response, watch_index(snap, keys), pretty="pretty" in req.query)
         state.cache.put(key, encoded)
+    return encoded
+
+
+async def _wait_for_hash(
+    state: _State,
+    route: Route,
+    req: ApiRequest,
+    query: tuple[object, ...],
+    content_hash: str,
+    encoded: _Encoded,
+) -> _Encoded:
+    """Consul's hash-based blocking: re-read on each change while the hash is `content_hash`.
+
+    Ends at the wait (plus jitter), or when a wake-up moved nothing (the server is closing).
+    """
+    assert route.watch is not None
+    keys = tuple(route.watch(req))
+    wait = _parse_wait(req)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait + random.uniform(0, wait / JITTER_DIVISOR)
+    while encoded.headers.get(CONTENT_HASH) == content_hash:
+        before = watch_index(state.ctx.registry.snapshot, keys)
+        left = deadline - loop.time()
+        if left <= 0:
+            break
+        snap = await state.stats.waiters.wait(keys, before, left)
+        if watch_index(snap, keys) <= before:
+            break  # the wait ended, or the waiters closed
+        encoded = _cached_read(state, route, req, query, snap)
     return encoded
 
 
@@ -423,6 +469,11 @@ def parse_blocking(req: ApiRequest) -> tuple[int, float] | None:
         return None
     if not (raw.isascii() and raw.isdigit()):
         raise ApiError(400, f"index: {raw!r} is not a non-negative integer", "index")
+    return int(raw), _parse_wait(req)
+
+
+def _parse_wait(req: ApiRequest) -> float:
+    """`?wait=D` in seconds: the default when absent or zero, at most MAX_WAIT."""
     wait_arg = req.arg("wait")
     try:
         wait = parse_duration(wait_arg, "wait") if wait_arg else 0.0
@@ -430,7 +481,7 @@ def parse_blocking(req: ApiRequest) -> tuple[int, float] | None:
         raise ApiError.invalid(err) from None
     if wait <= 0:
         wait = DEFAULT_WAIT  # Consul: no (or a zero) wait means the default
-    return int(raw), min(wait, MAX_WAIT)
+    return min(wait, MAX_WAIT)
 
 
 def _encode(response: ApiResponse, index: int | None, *, pretty: bool = False) -> _Encoded:
