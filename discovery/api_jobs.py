@@ -33,7 +33,7 @@ from discovery.acl import Access
 from discovery.allocations import JobFailed, JobRunner, RunningAlloc, RunningJob
 from discovery.api import ApiContext, ApiError, ApiRequest, ApiResponse, Route
 from discovery.api_consul import node_id
-from discovery.errors import ValidationError
+from discovery.errors import StateError, ValidationError
 from discovery.jobs import NAMESPACE, alloc_env, parse_job, render_job
 from discovery.registry import Snapshot
 from netsetup.env import render_env
@@ -166,6 +166,8 @@ def routes(runner: JobRunner, node: str) -> tuple[Route, ...]:
             raise _failed(err) from None
         except ValidationError as err:
             raise ApiError.invalid(err, "Job") from None
+        except StateError as err:  # the document was not written: nothing is applied
+            raise ApiError(FAILED, f"job {spec.id!r} not run, nothing applied: {err}", "") from None
         index = job.modify_index
         body = {
             "EvalID": "",
@@ -204,7 +206,10 @@ def routes(runner: JobRunner, node: str) -> tuple[Route, ...]:
 
     async def deregister(req: ApiRequest, _ctx: ApiContext) -> ApiResponse:
         _job(req)
-        errors = await runner.stop(req.params["id"])
+        try:
+            errors = await runner.stop(req.params["id"])
+        except StateError as err:  # the document was not deleted: nothing is changed
+            raise ApiError(FAILED, f"job not stopped, nothing changed: {err}", "") from None
         index = runner.last_index
         body = {"EvalID": "", "EvalCreateIndex": index, "JobModifyIndex": index}
         if errors:
