@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from tests.conftest import ROOT_RUN_NAMESPACE, HostNamespace, describe_change, read_host_namespace
+from tests.conftest import (
+    ROOT_RUN_NAMESPACE,
+    TESTS,
+    HostNamespace,
+    describe_change,
+    nft_per_test,
+    read_host_namespace,
+)
 
 CLEAN = HostNamespace(
     links=frozenset({"lo", "eth0"}),
@@ -56,3 +63,18 @@ def test_only_the_namespaces_of_a_root_test_run_are_left_out() -> None:
 
 def test_two_readings_of_an_untouched_namespace_agree() -> None:
     assert describe_change(read_host_namespace(), read_host_namespace()) == []
+
+
+def test_nft_tables_are_read_per_test_outside_the_pure_unit_modules() -> None:
+    assert nft_per_test(TESTS / "integration" / "test_jobs_agent.py")
+    assert nft_per_test(TESTS / "integration" / "test_http_api.py")
+    assert nft_per_test(TESTS / "unit" / "test_jobs_runner.py")
+    assert not nft_per_test(TESTS / "unit" / "test_dns_answer.py")  # read per module
+
+
+def test_a_reading_without_nft_compares_the_rest() -> None:
+    unread = replace(CLEAN, nft_tables=None)
+    assert unread.owned() == [] and describe_change(CLEAN, unread) == []
+    after = replace(unread, sysctls=(("net/ipv4/ip_forward", "1"), *CLEAN.sysctls[1:]))
+    assert describe_change(unread, after) == ["sysctl net/ipv4/ip_forward: 0 -> 1"]
+    assert read_host_namespace(nft=False).nft_tables is None
