@@ -85,6 +85,9 @@ TEXT = "text/plain; charset=utf-8"
 # the body's ContentHash; the adapter blocks while a `?hash=` request's hash is current.
 CONTENT_HASH = "X-Consul-ContentHash"
 HASH_DIGITS = 16  # Consul's hashes are 64-bit, printed in hex
+# A JSON `null` body (Consul's answer for an unknown node; py-consul reads it as None).
+# The adapter writes str bodies of text types as they are, and a body of None as nothing.
+JSON_NULL = ApiResponse("null", content_type=TEXT, headers={"Content-Type": "application/json"})
 
 
 # -- where: datacenter, node, selection ---------------------------------------------
@@ -369,7 +372,7 @@ def catalog_node(req: ApiRequest, snap: Snapshot) -> ApiResponse:
     if node is None and insts:
         node = node_of(snap, insts[0])
     if node is None:
-        return ApiResponse(None, content_type="application/json")
+        return JSON_NULL
     services = filtered(req, (render_service(i) for i in insts))
     return ApiResponse({"Node": render_node(node, dc), "Services": {s["ID"]: s for s in services}})
 
