@@ -27,6 +27,7 @@ import dns.message
 import dns.rcode
 import dns.rdatatype
 import pytest
+from aiohttp import web
 
 from discovery.agent import Agent, LazyNetwork, start_agent
 from discovery.config import AgentConfig, Endpoint, Overrides, parse_config
@@ -38,7 +39,21 @@ from netsetup.spec import NetworkSpec
 from netsetup.state import Reservation, open_state
 
 ROOT = Path(__file__).resolve().parents[2]
-EXAMPLE = json.loads((ROOT / "examples/web.job.json").read_text())
+EXAMPLE_FILE = json.loads((ROOT / "examples/web.job.json").read_text())
+
+
+def _without_checks(job: dict[str, Any]) -> dict[str, Any]:
+    copy: dict[str, Any] = json.loads(json.dumps(job))
+    for group in copy["Job"]["TaskGroups"]:
+        for service in group["Services"]:
+            service.pop("Checks", None)
+    return copy
+
+
+# The example job without its HTTP check: no task runs here, so the check would fail
+# and the instances would leave DNS.  test_the_example_job_is_served_once_its_task_listens
+# runs the example as it is.
+EXAMPLE = _without_checks(EXAMPLE_FILE)
 TIMEOUT = 5.0
 WRITE_TOKEN = "write-token-123"
 READ_TOKEN = "read-token-456"
@@ -103,6 +118,49 @@ async def request(
         method, target, timeout=aiohttp.ClientTimeout(total=TIMEOUT), **kw
     ) as r:
         return r.status, await r.json()
+
+
+async def serve_task(port: int) -> web.AppRunner:
+    """What the example job's task (`python3 -m http.server $NOMAD_PORT_http`) would serve."""
+
+    async def index(_: web.Request) -> web.Response:
+        return web.Response(text="hello")
+
+    app = web.Application()
+    app.router.add_get("/", index)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner
+
+
+async def test_the_example_job_is_served_once_its_task_listens(tmp_path: Path) -> None:
+    """The example's HTTP check: no answer while nothing listens, all three once tasks do."""
+    async with running(agent_config(tmp_path)) as agent, aiohttp.ClientSession() as http:
+        status, _ = await request(http, "POST", url(agent, "/v1/jobs"), json=EXAMPLE_FILE)
+        assert status == 200
+        _, allocs = await request(http, "GET", url(agent, "/v1/allocations"))
+        ports = []
+        for stub in allocs:
+            _, alloc = await request(http, "GET", url(agent, f"/v1/allocation/{stub['ID']}"))
+            ports.append(int(alloc["Env"]["NOMAD_PORT_http"]))
+        assert len(ports) == 3
+        # critical until its first check: never in DNS without a task
+        assert (await srv(agent, "web.service.nomad."))[0] == dns.rcode.NXDOMAIN
+        runners = [await serve_task(port) for port in ports]
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 5.0 + 1.0 + TIMEOUT  # interval + first-run stagger + slack
+            answered: list[int] = []
+            while loop.time() < deadline:
+                _, answered = await srv(agent, "web.service.nomad.")
+                if answered == sorted(ports):
+                    break
+                await asyncio.sleep(0.2)
+            assert answered == sorted(ports)
+        finally:
+            for runner in runners:
+                await runner.cleanup()
 
 
 async def test_post_the_example_job_see_it_in_dns_and_delete_it(tmp_path: Path) -> None:

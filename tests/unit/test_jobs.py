@@ -61,7 +61,8 @@ def test_the_example_job_parses() -> None:
     group = spec.group("web")
     assert (spec.id, group.count, group.network.mode) == ("web", 3, "host")
     assert [p.label for p in group.network.ports] == ["http"]
-    assert group.services[0].checks[0].kind is CheckKind.TTL
+    check = group.services[0].checks[0]
+    assert (check.kind, check.path, check.interval) == (CheckKind.HTTP, "/", 5.0)
 
 
 def test_parse_job_reads_every_implemented_field() -> None:
