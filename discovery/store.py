@@ -46,7 +46,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -428,21 +428,28 @@ def _write_rows(
         conn.executemany(_UPSERT.format(table=table), upserts)
 
 
+@contextlib.contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE ... COMMIT around the block; rolled back if the block or COMMIT fails."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+        raise
+
+
 def _write_batch(conn: sqlite3.Connection, path: Path, batch: _Batch) -> float:
     """Commit one batch in one transaction; returns the seconds it took.  StateError if not."""
     start = time.perf_counter()
     try:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with _transaction(conn):
             _write_rows(conn, "instances", batch.instances, render_instance)
             _write_rows(conn, "allocs", batch.allocs, render_alloc)
             conn.execute(_SET_INDEX, (batch.index,))
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-            raise
     except Exception as exc:  # sqlite3.Error; anything else is a bug, logged with its trace
         if not isinstance(exc, sqlite3.Error):
             log.exception("%s: writing index %d failed", path, batch.index)
@@ -471,15 +478,8 @@ def _text(value: str) -> str:
 def _write_job(conn: sqlite3.Connection, path: Path, ident: str, data: str | None) -> None:
     """Upsert (or delete, `data` None) one job document in its own transaction."""
     try:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with _transaction(conn):
             _write_rows(conn, "jobs", {ident: data}, _text)
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-            raise
     except sqlite3.Error as exc:
         raise StateError(f"{path}: cannot write job {ident!r}: {exc}") from exc
 

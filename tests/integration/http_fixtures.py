@@ -17,10 +17,11 @@ waited on are recorded), because the store has its own tests
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
+import consul
 import pytest
 
 from discovery import api_consul
@@ -98,3 +99,13 @@ async def http_api() -> AsyncIterator[RunningApi]:
     """An API with the Consul routes, an empty registry and ACLs off."""
     async with running_api() as api:
         yield api
+
+
+@contextmanager
+def sync_client(api: RunningApi, token: str | None = None) -> Iterator[consul.Consul]:
+    """py-consul's sync client of `api` (call it from a thread: it blocks)."""
+    client = consul.Consul(host=api.server.host, port=api.server.port, token=token)
+    try:
+        yield client
+    finally:
+        client.http.session.close()  # py-consul's close() leaves its requests session open

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, TypeVar
 
 import aiohttp
@@ -25,7 +24,7 @@ from consul.exceptions import ACLPermissionDenied
 from discovery.acl import AclSettings
 from discovery.api_consul_node import CONSUL_API_VERSION, node_id
 from discovery.model import CheckKind, Health, Instance, Node, make_check, make_instance
-from tests.integration.http_fixtures import LOCAL_NODE, RunningApi, running_api
+from tests.integration.http_fixtures import LOCAL_NODE, RunningApi, running_api, sync_client
 
 T = TypeVar("T")
 DEADLINE = 5.0  # seconds for anything that should take milliseconds on loopback
@@ -110,15 +109,6 @@ class Client:
         status, _, body = await self.get(path, **kw)
         assert status == 200, body
         return body
-
-
-@contextmanager
-def sync_client(api: RunningApi, token: str | None = None) -> Iterator[consul.Consul]:
-    client = consul.Consul(host=api.server.host, port=api.server.port, token=token)
-    try:
-        yield client
-    finally:
-        client.http.session.close()  # py-consul's close() leaves its requests session open
 
 
 async def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

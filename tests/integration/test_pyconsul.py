@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import consul
@@ -19,7 +18,7 @@ import pytest
 from consul.exceptions import ACLPermissionDenied, BadRequest
 
 from discovery.acl import AclSettings
-from tests.integration.http_fixtures import RunningApi, running_api
+from tests.integration.http_fixtures import RunningApi, running_api, sync_client
 
 T = TypeVar("T")
 DEADLINE = 10.0  # seconds for a call that should take milliseconds (blocking ones excepted)
@@ -40,15 +39,6 @@ def _no_consul_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 async def api() -> AsyncIterator[RunningApi]:
     async with running_api() as running:
         yield running
-
-
-@contextmanager
-def sync_client(api: RunningApi, token: str | None = None) -> Iterator[consul.Consul]:
-    client = consul.Consul(host=api.server.host, port=api.server.port, token=token)
-    try:
-        yield client
-    finally:
-        client.http.session.close()  # py-consul's close() leaves its requests session open
 
 
 @pytest.fixture
