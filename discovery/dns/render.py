@@ -56,13 +56,10 @@ def render(
     recursion: bool,
 ) -> bytes:
     """The reply to `data`: header, question as asked, a body in random order, OPT."""
-    question = data[wire.HEADER_SIZE : query.name_end + 4]
+    question, opt = _question_and_opt(data, query, settings)
     edns = query.edns
-    opt = b""
-    if edns is not None:
-        if edns.version > 0:  # RFC 6891 section 6.1.3
-            return error_reply(data, wire.BADVERS, question, edns, settings.edns_max_payload)
-        opt = wire.encode_opt(settings.edns_max_payload, 0, edns.dnssec_ok)
+    if edns is not None and edns.version > 0:  # RFC 6891 section 6.1.3
+        return error_reply(data, wire.BADVERS, question, edns, settings.edns_max_payload)
     limit, max_answers = size_limits(query, settings, tcp)
     body = pick_body(prepared, wire.HEADER_SIZE + len(question), limit - len(opt), max_answers)
     return _assemble(data, query, prepared, settings, recursion, question, body, opt)
@@ -82,10 +79,7 @@ def render_variants(
     edns = query.edns
     if orders is None or (edns is not None and edns.version > 0):
         return None
-    question = data[wire.HEADER_SIZE : query.name_end + 4]
-    opt = b""
-    if edns is not None:
-        opt = wire.encode_opt(settings.edns_max_payload, 0, edns.dnssec_ok)
+    question, opt = _question_and_opt(data, query, settings)
     limit, max_answers = size_limits(query, settings, False)
     start, budget = wire.HEADER_SIZE + len(question), limit - len(opt)
     return [
@@ -101,6 +95,15 @@ def render_variants(
         )
         for number in orders
     ]
+
+
+def _question_and_opt(data: bytes, query: wire.Query, settings: DnsSettings) -> tuple[bytes, bytes]:
+    """The question as asked, and the OPT of the reply (empty without EDNS in the query)."""
+    question = data[wire.HEADER_SIZE : query.name_end + 4]
+    edns = query.edns
+    if edns is None:
+        return question, b""
+    return question, wire.encode_opt(settings.edns_max_payload, 0, edns.dnssec_ok)
 
 
 def _assemble(
