@@ -8,12 +8,15 @@ the configuration on SIGHUP; :func:`run_agent` is the synchronous entry point
 (uvloop when installed).
 
 Jobs (:mod:`discovery.allocations`): the runner comes back with the persisted
-jobs before the API serves, then the `--job` files are run (a file whose job
-runs unchanged is a no-op, so restarts are idempotent).  netsetup (pyroute2 and
-its memory) is imported only when a job has allocations to restore or one is
-posted; it reconciles the kernel side at that moment only
-when it has bridge allocations and runs as root (host mode touches no kernel
-object, so an agent without jobs in bridge mode never changes the host).
+jobs before the API serves (their tasks adopted, or started), then the `--job`
+files are run (a file whose job runs unchanged is a no-op, so restarts are
+idempotent).  netsetup (pyroute2 and its memory, :mod:`discovery.netbridge`) is
+imported only when a job has allocations to restore or one is posted; it
+reconciles the kernel side at that moment only when it has bridge allocations
+and runs as root (host mode touches no kernel object, so an agent without jobs
+in bridge mode never changes the host).  Stopping: in `--dev` the tasks are
+stopped with the agent (services out, kill signal, network down); otherwise
+they run on and the next agent adopts them.
 
 A reload swaps the configured services (one registry batch) and the DNS
 settings; sockets stay open, so no query is dropped.  A config that does not
@@ -27,16 +30,16 @@ import asyncio
 import contextlib
 import gc
 import logging
-import os
 import signal
-import threading
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from discovery import api_consul, api_jobs, api_nomad, api_waypost
 from discovery.allocations import JobFailed, JobRunner
 from discovery.api import ApiContext
+from discovery.api_logs import logs_route
 from discovery.checks import CheckRunner
 from discovery.config import SOURCE, AgentConfig, Endpoint, service_instances
 from discovery.dns.responder import Responder
@@ -45,20 +48,18 @@ from discovery.errors import StateError, WaypostError
 from discovery.events import EventLog
 from discovery.httpapi import HttpServer, HttpStats, StreamRoute, start_http
 from discovery.metrics import MetricsSources
-from netsetup.spec import AllocNetwork, NetConfig, NetworkSpec
+from discovery.netbridge import LazyNetwork
 
 if TYPE_CHECKING:
     from discovery.jobs import JobSpec
     from discovery.mirror import Mirror
-    from netsetup.network import NetworkManager
-    from netsetup.state import NetState
 from discovery.registry import Registry
 from discovery.store import Store, open_store
 
 log = logging.getLogger(__name__)
 
 ConfigLoader = Callable[[], AgentConfig]
-T = TypeVar("T")
+ALLOC_DIR = "alloc"  # <data_dir>/alloc/<alloc id>: Nomad's allocation directories
 
 # Fixed for the life of the process: the node the registry is built around and the sockets.
 RESTART_ONLY = (
@@ -70,6 +71,7 @@ RESTART_ONLY = (
     "acl",
     "consul",
     "client",
+    "dev",
 )
 HOLDS_SECRETS = frozenset({"acl", "consul"})
 EXIT_OK = 0
@@ -131,118 +133,6 @@ class Agent:
         await self._parts.aclose()
 
 
-class LazyNetwork:
-    """netsetup's NetworkManager, started at its first use, on a loop of its own.
-
-    pyroute2's netlink sockets need the standard asyncio loop (uvloop refuses
-    AF_NETLINK datagram endpoints), so the manager lives on a plain asyncio loop
-    in one thread and every call is passed to it; the agent's loop only awaits.
-    Exceptions come back to the caller as raised; a cancelled caller cancels the
-    call on that loop (netsetup then undoes a setup it cut short).  After close()
-    every call raises StateError: no second loop or thread is started.
-
-    Reconcile (persisted bridge allocations, as root) runs before the first call
-    is served.  Error handling: when it fails, that call raises its error and the
-    next call tries again; no call is served on an unreconciled host.
-    """
-
-    def __init__(self, config: NetConfig, *, privileged: Callable[[], bool] | None = None) -> None:
-        """`privileged` says whether reconcile may touch the kernel (default: euid 0)."""
-        self._config = config
-        self._privileged = privileged or (lambda: os.geteuid() == 0)
-        self._reconciled = False
-        self._manager: NetworkManager | None = None
-        self._state: NetState | None = None
-        self._close_firewall: Callable[[], None] = lambda: None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._closed = False
-
-    async def _call(self, work: Callable[[NetworkManager], Awaitable[T]]) -> T:
-        if self._closed:
-            raise StateError("allocation networking is closed (the agent is stopping)")
-        if self._loop is None:
-            self._loop = asyncio.new_event_loop()
-            self._thread = threading.Thread(
-                target=self._loop.run_forever, name="waypost-netsetup", daemon=True
-            )
-            self._thread.start()
-
-        async def inside() -> T:
-            return await work(await self._open())
-
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(inside(), self._loop))
-
-    async def _open(self) -> NetworkManager:
-        manager = await self._start_manager()
-        if not self._reconciled and self._state is not None:
-            await self._reconcile(manager, self._state)
-            self._reconciled = True
-        return manager
-
-    async def _reconcile(self, manager: NetworkManager, state: NetState) -> None:
-        bridged = any(r.spec.mode == "bridge" for r in state.allocations())
-        if bridged and self._privileged():
-            try:
-                report = await manager.reconcile()
-            except Exception as exc:
-                log.error("allocation networking could not be reconciled (retried): %s", exc)
-                raise
-            log.info("allocation networking reconciled: %s", report)
-
-    async def _start_manager(self) -> NetworkManager:
-        if self._manager is not None:
-            return self._manager
-        # Imported here: pyroute2 costs the agent memory it needs only for jobs.
-        from netsetup.firewall import Firewall
-        from netsetup.network import start_network_manager
-        from netsetup.state import open_state
-
-        state = open_state(self._config.data_dir)
-        firewall = Firewall(self._config)
-        try:
-            manager = await start_network_manager(self._config, state, firewall)
-        except BaseException:
-            firewall.close()
-            state.close()
-            raise
-        self._manager, self._state, self._close_firewall = manager, state, firewall.close
-        return manager
-
-    async def setup(self, alloc_id: str, spec: NetworkSpec) -> AllocNetwork:
-        return await self._call(lambda manager: manager.setup(alloc_id, spec))
-
-    async def teardown(self, alloc_id: str) -> bool:
-        return await self._call(lambda manager: manager.teardown(alloc_id))
-
-    async def get(self, alloc_id: str) -> AllocNetwork | None:
-        return await self._call(lambda manager: manager.get(alloc_id))
-
-    async def _close_inside(self) -> None:
-        try:
-            if self._manager is not None:
-                await self._manager.close()
-        finally:
-            self._close_firewall()
-            if self._state is not None:
-                self._state.close()
-
-    async def close(self) -> None:
-        """Close the manager on its loop, then stop the loop and its thread."""
-        self._closed = True
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None:
-            return
-        try:
-            future = asyncio.run_coroutine_threadsafe(self._close_inside(), loop)
-            await asyncio.wrap_future(future)
-        finally:
-            loop.call_soon_threadsafe(loop.stop)
-            await asyncio.to_thread(thread.join)
-            loop.close()
-            self._loop = self._thread = None
-
-
 async def _start_jobs(
     config: AgentConfig, registry: Registry, store: Store, parts: contextlib.AsyncExitStack
 ) -> JobRunner:
@@ -252,10 +142,17 @@ async def _start_jobs(
     async def opener() -> LazyNetwork:
         return network
 
-    runner = JobRunner(registry, store, opener, config.node_name)
-    # Closed first (the stack unwinds in reverse): a run or stop in progress finishes
-    # before netsetup's loop stops under it.
-    parts.push_async_callback(runner.close)
+    runner = JobRunner(
+        registry,
+        store,
+        opener,
+        config.node_name,
+        alloc_root=Path(config.data_dir) / ALLOC_DIR,
+        datacenter=config.datacenter,
+    )
+    # Closed first (the stack unwinds in reverse): a run or stop in progress finishes,
+    # and in --dev the tasks are stopped, before netsetup's loop stops under them.
+    parts.push_async_callback(runner.close, stop_tasks=config.dev)
     await runner.start()
     return runner
 
@@ -264,12 +161,13 @@ async def run_jobs(runner: JobRunner, jobs: Sequence[JobSpec]) -> None:
     """Run the `--job` files' jobs.  Error handling: a job that fails is logged, not fatal."""
     for spec in jobs:
         try:
-            job, changed = await runner.run(spec)
+            result = await runner.run(spec)
         except (JobFailed, WaypostError) as err:
             log.error("job %s from --job could not run: %s", spec.id, err)
             continue
-        what = "running" if changed else "unchanged"
-        log.info("job %s %s: %d allocations", spec.id, what, len(job.allocs))
+        what = "running" if result.changed else "unchanged"
+        count = sum(g.count for g in spec.groups)
+        log.info("job %s %s: %d allocations", spec.id, what, count)
 
 
 async def start_agent(config: AgentConfig, jobs: Sequence[JobSpec] = ()) -> Agent:
@@ -348,12 +246,15 @@ async def _start_http(
         api_consul.ROUTES
         + api_nomad.ROUTES
         + api_waypost.routes(status)
-        + api_jobs.routes(runner, config.node_name)
+        + api_jobs.routes(runner, config.node_name, config.datacenter)
     )
-    stream = StreamRoute("/v1/event/stream", api_waypost.event_stream(events))
+    streams = [
+        StreamRoute("/v1/event/stream", api_waypost.event_stream(events)),
+        logs_route(runner, registry),
+    ]
     ctx = ApiContext(registry, store, checks, config.datacenter, config.node_name)
     host, port = config.http_addr.host, config.http_addr.port
-    http = await start_http(ctx, routes, config.acl, host, port, streams=[stream], stats=stats)
+    http = await start_http(ctx, routes, config.acl, host, port, streams=streams, stats=stats)
     parts.push_async_callback(http.close)
     # Streams end before the server closes, so their clients see a clean end of stream.
     parts.callback(events.close)

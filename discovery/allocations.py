@@ -1,103 +1,100 @@
-"""The jobs the agent runs and their allocations.  State: the one owner of jobs.
+"""The agent's jobs and allocations.  State: their one owner.
 
-:class:`JobRunner` turns a :class:`~discovery.jobs.JobSpec` into allocations:
-for each one netsetup (through the :class:`NetworkPort` seam; netsetup's
-NetworkManager satisfies it) reserves the ports and, in bridge mode, builds
-the namespace; then the services of every allocation are registered in ONE
-registry batch (source "job"; DNS and the HTTP API see them together).
-Tasks are not run: a user runs them with each allocation's NOMAD_* env.
+:class:`JobRunner` is the only writer of jobs and allocations.  Their records
+(discovery.workload) live in the registry's snapshots, so one index orders them
+with the services, every read is a snapshot read and blocking queries work as
+for the catalog; the store persists them like the rest.  The live side of each
+allocation is an :class:`~discovery.allocrunner.AllocRunner` (network, tasks and
+services hooks).
 
-    run(spec)      all or nothing: a failing setup tears down the allocations
-                   already set up and registers nothing.  The same job id with
-                   the same spec is a no-op; a changed spec is replaced new
-                   first: the new allocations are set up and registered (their
-                   instances replace the old ones in the same batch), then the
-                   old ones are torn down.  So a failing replacement leaves the
-                   running version as it was, and a static port the running
-                   version holds cannot move to the new one (stop the job first).
-    stop(job_id)   deregister, forget the job, then tear down every allocation
-                   (past errors; they are returned, and logged).
-    start()        at agent start: the persisted jobs come back; allocations
-                   netsetup still has are registered again (their check statuses
-                   kept), missing ones are set up again, and the allocations a
-                   replacement left behind are torn down.  A document that cannot
-                   be read is logged and skipped: the job is *dead* (`dead`, with
-                   the reason), its services are not served, its allocations stay
-                   in netsetup's state (`waypost net list`); the other jobs start.
-                   A run of that id replaces it, a stop forgets it.
+    run(spec)      all or nothing: every allocation's network and task directories
+                   are set up (a failing setup undoes the others and leaves
+                   nothing), the records are written to disk, then one registry
+                   batch publishes the job, its allocations and their service
+                   instances (each critical until its task runs), then the tasks
+                   start.  The same spec again is a no-op; a changed spec is a new
+                   version, new first: its allocations are set up and started, then
+                   the old ones are stopped (services out, tasks killed, network
+                   down) and kept as `complete`.
+    stop(id)       services out, the job marked stopped (Nomad's Stop: Status "dead",
+                   still listed) and its allocations `stop`, then every allocation torn
+                   down (past errors, returned); `purge` forgets the job and its
+                   allocations, and their directories go.
+    start()        at agent start: the stored jobs and allocations come back;
+                   allocations to run are restored (netsetup's network or a new one;
+                   each task adopted by pid and start time, started when it is not
+                   running, or restarted by its policy when it died meanwhile); what
+                   no job owns is torn down: a crash in the middle of a run or stop
+                   leaves nothing behind for long.
+    close(stop_tasks)  the agent stopping: in --dev every allocation is stopped
+                   (its tasks come back at the next start); otherwise the tasks run on
+                   and the next agent adopts them.
 
-Persistence: one document per job in the store (:meth:`Store.put_job`):
-``{"Job": <render_job>, "Allocs": [{ID, Name, TaskGroup, Index}], "Retiring": [ids]}``,
-written before the registry batch of a run and deleted before a stop's teardown,
-so a crash never brings back a stopped job.  A crash in the middle of a run's
-setups leaves their reservations in netsetup's state (`waypost net list`).
+A task that fails for good (its restart policy says no more) fails its
+allocation, Nomad's way: the other tasks are killed, the services leave, the
+network goes; the allocation stays listed as failed with its events and logs.
 
-The document is what makes a job durable: `start()` rebuilds its instances and
-allocations from it.  So a run or stop commits at its document write; a store
-failure after that (the registry batch not written: :meth:`Store.durable`, or
-the rewrite after retiring) does not undo it: the job runs (or is stopped) as
-answered, the failure is logged and returned as a warning (`RunningJob.warnings`,
-stop's list), the store retries the batch on its own and reports itself unhealthy
-until it succeeds.  A document write that fails leaves nothing of the run or
-stop applied.
+Persistence: a run or stop writes its job and allocation records to disk first
+(:meth:`Store.write_ahead`) and publishes them after, so a write that fails
+changes nothing; later changes (task states) are written by the store's group
+commit like any registry change.  A store failure after the records are written
+(the registry batch not durable yet) does not undo the run or stop: it is logged
+and returned as a warning; the store retries on its own.
 
-Concurrency: runs and stops are serialized by one lock; reads (`jobs`, `allocs`)
-take the current dict and never wait.  `close()` waits for the run or stop in
-progress and refuses later ones, so the agent can close netsetup after it.
-
-Cancellation (a client gone, the agent stopping): a run cancelled before its
-registry batch undoes itself (its setups torn down, the job's document put back
-as it was: a store write that was under way still lands); a teardown sequence
-(stop, undo, retiring) is never cut short, it finishes and then the cancellation
-is raised.  A stop is never cut short once it has begun: its document delete
-lands even when the caller is gone, so the rest (deregistration, teardown) runs too.
+Concurrency: runs, stops, failures and start are serialized by one lock; reads
+take the current snapshot and never wait.  `close()` waits for the one in
+progress and refuses later ones.  Cancellation: a run cancelled before its
+records are written undoes itself; teardowns (stop, undo, retiring, failing)
+are never cut short; a stop, once begun, finishes even when its caller is gone.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
+import os
+import shutil
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Protocol
 
+from discovery.allocrunner import AllocRunner, NetworkPort, RunnerContext, initial_states
 from discovery.errors import NotFoundError, StateError, ValidationError, WaypostError
-from discovery.jobs import (
-    SOURCE,
-    JobSpec,
-    PlannedAlloc,
-    alloc_addresses,
-    parse_job,
-    plan_allocs,
-    plan_instances,
-    render_job,
-)
+from discovery.jobs import SOURCE, JobSpec, plan_allocs
 from discovery.model import Instance, worst_health
-from discovery.registry import Alloc, Registry
-from netsetup.errors import AllocExists, NetsetupError
-from netsetup.spec import AllocNetwork, NetworkSpec
+from discovery.registry import Registry
+from discovery.tasks import cgroups
+from discovery.tasks import process as proc
+from discovery.tasks.logs import LogNotifier
+from discovery.tasks.state import DEAD, SETUP_FAILURE, TaskEvent, with_event
+from discovery.workload import (
+    RUN,
+    STOP,
+    Allocation,
+    Job,
+    parse_alloc_record,
+    parse_job_record,
+)
+from netsetup.errors import NetsetupError
 
 log = logging.getLogger(__name__)
 
-
-class NetworkPort(Protocol):
-    """What the runner needs of netsetup's NetworkManager."""
-
-    async def setup(self, alloc_id: str, spec: NetworkSpec) -> AllocNetwork: ...
-    async def teardown(self, alloc_id: str) -> bool: ...
-    async def get(self, alloc_id: str) -> AllocNetwork | None: ...
+NetworkOpener = Callable[[], Awaitable[NetworkPort]]
+UPDATED = "alloc is being updated due to job update"
+STOPPED = "alloc is being stopped"
+SHUTDOWN = "the agent is shutting down (-dev)"
 
 
 class JobStore(Protocol):
     """What the runner needs of the store (discovery.store.Store)."""
 
-    def load_jobs(self) -> dict[str, str]: ...
-    async def put_job(self, ident: str, data: str | None) -> None: ...
+    def load_workload(self) -> tuple[dict[str, str], dict[str, str]]: ...
+    async def write_ahead(
+        self, jobs: Mapping[str, Job | None], allocations: Mapping[str, Allocation | None]
+    ) -> None: ...
     async def durable(self, index: int) -> None: ...
-
-
-NetworkOpener = Callable[[], Awaitable[NetworkPort]]
 
 
 class JobFailed(WaypostError):
@@ -113,56 +110,11 @@ class JobFailed(WaypostError):
 
 
 @dataclass(frozen=True, slots=True)
-class RunningAlloc:
-    plan: PlannedAlloc
-    network: AllocNetwork
-    instances: tuple[Instance, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class RunningJob:
-    spec: JobSpec
-    allocs: tuple[RunningAlloc, ...]
-    modify_index: int = 0  # the registry index of its last run
-    warnings: tuple[str, ...] = ()  # store failures after its last run committed
-
-    @property
-    def instance_ids(self) -> list[str]:
-        return [i.id for a in self.allocs for i in a.instances]
-
-
-def render_doc(job: RunningJob, retiring: Sequence[str] = ()) -> str:
-    """The persisted document of `job` (see the module docstring)."""
-    allocs = [
-        {"ID": a.plan.id, "Name": a.plan.name, "TaskGroup": a.plan.group, "Index": a.plan.index}
-        for a in job.allocs
-    ]
-    doc = {"Job": render_job(job.spec), "Allocs": allocs, "Retiring": list(retiring)}
-    return json.dumps(doc, sort_keys=True)
-
-
-def parse_doc(text: str) -> tuple[JobSpec, tuple[PlannedAlloc, ...], tuple[str, ...]]:
-    """A persisted document back: the spec, its allocations, the ids left to tear down.
-
-    Error handling: StateError when it does not parse (a damaged or foreign row).
-    """
-    try:
-        doc = json.loads(text)
-        spec = parse_job(doc["Job"])
-        plans = tuple(
-            PlannedAlloc(
-                id=str(a["ID"]),
-                name=str(a["Name"]),
-                job_id=spec.id,
-                group=str(a["TaskGroup"]),
-                index=int(a["Index"]),
-                network=spec.group(str(a["TaskGroup"])).network,
-            )
-            for a in doc["Allocs"]
-        )
-        return spec, plans, tuple(str(i) for i in doc.get("Retiring", ()))
-    except (ValueError, KeyError, TypeError, ValidationError) as exc:
-        raise StateError(f"a persisted job cannot be read: {exc!r}") from exc
+class RunResult:
+    job: Job
+    changed: bool
+    index: int
+    warnings: tuple[str, ...] = ()
 
 
 def keep_check_state(fresh: Instance, old: Instance | None) -> Instance:
@@ -178,7 +130,7 @@ def keep_check_state(fresh: Instance, old: Instance | None) -> Instance:
 
 
 class JobRunner:
-    """The agent's jobs.  `await start()` once; then run / stop / read."""
+    """The agent's jobs.  `await start()` once; then run / stop / read the snapshot."""
 
     def __init__(
         self,
@@ -187,304 +139,411 @@ class JobRunner:
         open_network: NetworkOpener,
         node: str,
         *,
+        alloc_root: str | Path,
+        datacenter: str = "dc1",
         new_id: Callable[[], str] | None = None,
+        host_env: Mapping[str, str] | None = None,
+        is_root: bool | None = None,
+        use_cgroups: bool | None = None,
     ) -> None:
         """`new_id` makes allocation ids (default uuid4; root tests give them their prefix)."""
-        self._new_id = new_id
         self._registry = registry
         self._store = store
         self._open_network = open_network
         self._network: NetworkPort | None = None
-        self._node = node
-        self._jobs: dict[str, RunningJob] = {}
-        self._dead: dict[str, str] = {}  # job id -> why its document could not be read
+        self._new_id = new_id
+        self._runners: dict[str, AllocRunner] = {}
+        self._dead: dict[str, str] = {}  # job id -> why its record could not be read
         self._lock = asyncio.Lock()
         self._closed = False
-        self.last_index = 0  # the registry index of the last run, stop or start
+        self._background: set[asyncio.Task[None]] = set()
+        self.last_index = 0
+        root = os.geteuid() == 0 if is_root is None else is_root
+        if use_cgroups is None:
+            reason = cgroups.unavailable()
+            use_cgroups = not reason
+            if reason:
+                log.info(
+                    "tasks get no cgroup of their own (%s): memory limits not enforced", reason
+                )
+        self._ctx = RunnerContext(
+            network=self._net,
+            node=node,
+            datacenter=datacenter,
+            alloc_root=Path(alloc_root).absolute(),
+            host_env=dict(os.environ if host_env is None else host_env),
+            boot=proc.boot_id(),
+            publish=self._publish,
+            deregister=self._deregister,
+            failed=self._failed,
+            use_cgroups=use_cgroups,
+            is_root=root,
+        )
 
-    # -- reads ----------------------------------------------------------------------
+    # -- reads ------------------------------------------------------------------------
 
     @property
-    def jobs(self) -> Mapping[str, RunningJob]:
-        return self._jobs
+    def dead(self) -> Mapping[str, str]:
+        """The jobs whose record could not be read at start, with the reason."""
+        return self._dead
 
-    def alloc(self, alloc_id: str) -> tuple[RunningJob, RunningAlloc] | None:
-        for job in self._jobs.values():
-            for alloc in job.allocs:
-                if alloc.plan.id == alloc_id:
-                    return job, alloc
-        return None
+    @property
+    def alloc_root(self) -> Path:
+        return self._ctx.alloc_root
 
-    # -- changes --------------------------------------------------------------------
+    def notifier(self, alloc_id: str, task: str, kind: str) -> LogNotifier | None:
+        """What wakes a reader following `task`'s `kind` log (None: nothing writes it now)."""
+        runner = self._runners.get(alloc_id)
+        sup = runner.supervisors.get(task) if runner is not None else None
+        return sup.notifier(kind) if sup is not None else None
+
+    def runner(self, alloc_id: str) -> AllocRunner | None:
+        return self._runners.get(alloc_id)
+
+    # -- publishing (the runners' callbacks) --------------------------------------------
+
+    def _publish(self, runner: AllocRunner) -> None:
+        """A task state changed: the allocation and its task checks in one registry change."""
+        snap = self._registry.snapshot
+        if runner.id not in snap.allocations:  # purged meanwhile: nothing to show
+            return
+        changed = self._registry.update_checks(runner.task_checks(), allocations=[runner.alloc])
+        self.last_index = changed.index
+
+    def _deregister(self, ids: list[str]) -> None:
+        if ids:
+            self._registry.apply(removals=ids)
+
+    def _failed(self, runner: AllocRunner) -> None:
+        self._in_background(self._fail(runner), f"fail {runner.id}")
+
+    def _in_background(self, work: Awaitable[None], name: str) -> None:
+        task = asyncio.get_running_loop().create_task(_run_logged(work), name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _fail(self, runner: AllocRunner) -> None:
+        async with self._lock:
+            if self._closed or self._runners.get(runner.id) is not runner:
+                return
+            log.warning("allocation %s (%s) failed; stopping it", runner.id, runner.alloc.name)
+            await self._retire([runner], "a task of the allocation failed")
+
+    # -- changes ----------------------------------------------------------------------
 
     async def _net(self) -> NetworkPort:
         if self._network is None:
             self._network = await self._open_network()
         return self._network
 
-    async def run(self, spec: JobSpec) -> tuple[RunningJob, bool]:
-        """Run `spec` (see the module docstring); the job and whether anything changed.
-
-        Error handling: JobFailed (netsetup refused: ports, root...), ValidationError
-        (a service cannot be placed), StateError (the store); nothing is left of the
-        new version then, and a running old version is untouched.
-        """
-        async with self._lock:
-            self._check_open()
-            old = self._jobs.get(spec.id)
-            if old is not None and old.spec == spec:
-                return old, False
-            network = await self._net()
-            plans = plan_allocs(spec) if self._new_id is None else plan_allocs(spec, self._new_id)
-            allocs = await self._setup_all(network, spec, plans)
-            job = RunningJob(spec, allocs)
-            retiring = [a.plan.id for a in old.allocs] if old is not None else []
-            try:
-                await self._store.put_job(spec.id, render_doc(job, retiring))
-            except BaseException as exc:
-                await self._undo_run(network, spec.id, old, allocs, exc)
-                raise
-            snap = self._registry.apply(
-                upserts=[i for a in allocs for i in a.instances],
-                removals=old.instance_ids if old is not None else (),
-                allocs=[Alloc(a.plan.id, alloc_addresses(a.network), a.plan.name) for a in allocs],
-                drop_allocs=retiring,
-            )
-            self.last_index = snap.index
-            self._jobs[spec.id] = job = replace(job, modify_index=snap.index)
-            if self._dead.pop(spec.id, None) is not None:
-                log.warning("dead job %s replaced; its old allocations are left", spec.id)
-            warnings: list[str] = []
-            try:
-                await self._after_commit(spec.id, snap.index, warnings)
-            finally:  # committed: the old version goes, even when this is cancelled
-                if retiring and not await self._teardown_all(network, retiring):
-                    await self._after_commit(spec.id, None, warnings, render_doc(job))
-                if warnings:
-                    self._jobs[spec.id] = job = replace(job, warnings=tuple(warnings))
-            return job, True
-
-    async def _after_commit(
-        self, job_id: str, index: int | None, warnings: list[str], doc: str | None = None
-    ) -> None:
-        """A store write after the commit (`index` durable, else `doc` written).
-
-        Error handling: a StateError does not undo what is committed: it is logged
-        and added to `warnings` (see the module docstring).
-        """
-        try:
-            if index is not None:
-                await self._store.durable(index)
-            else:
-                await self._store.put_job(job_id, doc)
-        except StateError as err:
-            what = "registry changes" if index is not None else "document"
-            log.error("job %s: applied, but its %s are not on disk yet: %s", job_id, what, err)
-            warnings.append(f"applied, but its {what} are not on disk yet: {err}")
-
     def _check_open(self) -> None:
         if self._closed:
             raise StateError("the job runner is closed (the agent is stopping)")
 
-    async def _undo_run(
-        self,
-        network: NetworkPort,
-        job_id: str,
-        old: RunningJob | None,
-        allocs: Sequence[RunningAlloc],
-        exc: BaseException,
-    ) -> None:
-        """A run failed at its document: tear its setups down, put the document back.
+    async def run(self, spec: JobSpec) -> RunResult:
+        """Run `spec` (see the module docstring).
 
-        The write may have landed anyway (a cancelled caller does not stop the
-        store's thread); the document must then not name allocations that are gone.
-        The put-back is shielded: cancelled again, it still lands.
+        Error handling: JobFailed (netsetup refused: ports, root...), ValidationError
+        (a task's user, a service that cannot be placed), StateError (the store);
+        nothing is left of the new version then, and a running old version is untouched.
         """
-        for error in await self._teardown_all(network, [a.plan.id for a in allocs]):
-            exc.add_note(f"undo failed: {error}")
-        try:
-            await asyncio.shield(
-                self._store.put_job(job_id, None if old is None else render_doc(old))
-            )
-        except StateError as err:
-            log.error("job %s: its document could not be put back: %s", job_id, err)
-            exc.add_note(f"document not put back: {err!r}")
-
-    async def close(self) -> None:
-        """Wait for the run or stop in progress; later ones raise StateError."""
         async with self._lock:
-            self._closed = True
+            self._check_open()
+            snap = self._registry.snapshot
+            old = snap.jobs.get(spec.id)
+            if old is not None and not old.stop and old.spec == spec:
+                return RunResult(old, False, old.modify_index)
+            version = 0 if old is None else old.version + 1
+            runners = await self._setup_all(spec, version)
+            job = Job(spec, version, submit_time=time.time_ns())
+            old_runners = [r for r in self._runners.values() if r.alloc.job_id == spec.id]
+            for r in old_runners:
+                r.alloc = replace(r.alloc, desired=STOP, desired_description=UPDATED)
+            dropped = [
+                a.id
+                for a in snap.allocations.values()
+                if a.job_id == spec.id and a.terminal and a.job_version < version - 1
+            ]
+            allocations: dict[str, Allocation | None] = {r.id: r.alloc for r in runners}
+            allocations.update((r.id, r.alloc) for r in old_runners)
+            allocations.update((ident, None) for ident in dropped)
+            try:
+                await self._store.write_ahead({spec.id: job}, allocations)
+            except BaseException as exc:
+                for r in old_runners:
+                    r.alloc = replace(r.alloc, desired=RUN, desired_description="")
+                for error in await _destroy_all(runners, ""):
+                    exc.add_note(f"undo failed: {error}")
+                raise
+            published = self._registry.apply(
+                jobs=[job],
+                allocations=[a for a in allocations.values() if a is not None],
+                drop_allocations=dropped,
+                upserts=[i for r in runners for i in r.instances],
+            )
+            self.last_index = published.index
+            if self._dead.pop(spec.id, None) is not None:
+                log.warning("dead job %s replaced", spec.id)
+            for r in runners:
+                self._runners[r.id] = r
+                r.start()
+            warnings: list[str] = []
+            try:
+                await self._after_commit(spec.id, published.index, warnings)
+            finally:  # committed: the old version goes, even when this is cancelled
+                if old_runners:
+                    warnings += await self._retire(old_runners, UPDATED)
+                self._remove_dirs(dropped)
+            current = self._registry.snapshot.jobs[spec.id]
+            return RunResult(current, True, published.index, tuple(warnings))
 
-    async def _setup_all(
-        self, network: NetworkPort, spec: JobSpec, plans: Sequence[PlannedAlloc]
-    ) -> tuple[RunningAlloc, ...]:
-        """Set up every allocation and place its services; on any failure undo them all."""
-        done: list[RunningAlloc] = []
+    async def _setup_all(self, spec: JobSpec, version: int) -> list[AllocRunner]:
+        """A runner per allocation, set up; on any failure every one is undone."""
+        now = time.time_ns()
+        plans = plan_allocs(spec) if self._new_id is None else plan_allocs(spec, self._new_id)
+        done: list[AllocRunner] = []
         try:
             for plan in plans:
-                net = await network.setup(plan.id, plan.network)
-                # Recorded at once: a placement error below must tear this one down too.
-                done.append(RunningAlloc(plan, net, ()))
-                instances = plan_instances(plan, spec.group(plan.group), net, self._node)
-                done[-1] = RunningAlloc(plan, net, instances)
+                group = spec.group(plan.group)
+                alloc = Allocation(
+                    id=plan.id,
+                    name=plan.name,
+                    job_id=spec.id,
+                    group=plan.group,
+                    index=plan.index,
+                    job_version=version,
+                    tasks=initial_states(group, now),
+                    create_time=now,
+                    modify_time=now,
+                )
+                runner = AllocRunner(self._ctx, spec, alloc)
+                await runner.setup()  # undoes its own hooks when it fails
+                done.append(runner)
         except BaseException as exc:
-            errors = await self._teardown_all(network, [a.plan.id for a in done])
-            for error in errors:
+            for error in await _destroy_all(done, ""):
                 exc.add_note(f"undo failed: {error}")
             if isinstance(exc, NetsetupError):
                 raise JobFailed(spec.id, exc) from exc
             raise
-        return tuple(done)
+        return done
 
-    async def _teardown_all(self, network: NetworkPort, ids: Iterable[str]) -> list[str]:
-        """Tear down every allocation in `ids`, past errors; the errors, logged.
-
-        A cancelled caller does not cut it short: it finishes, then CancelledError
-        is raised (half a stop would leave allocations no job claims).
-        """
-        work = asyncio.ensure_future(self._teardown_each(network, list(ids)))
+    async def _after_commit(self, job_id: str, index: int, warnings: list[str]) -> None:
+        """Wait for the registry batch on disk.  A StateError is a warning (see above)."""
         try:
-            return await asyncio.shield(work)
-        except asyncio.CancelledError:
-            await asyncio.wait([work])
-            raise
+            await self._store.durable(index)
+        except StateError as err:
+            log.error(
+                "job %s: applied, but its registry changes are not on disk yet: %s", job_id, err
+            )
+            warnings.append(f"applied, but its registry changes are not on disk yet: {err}")
 
-    async def _teardown_each(self, network: NetworkPort, ids: Sequence[str]) -> list[str]:
-        errors = []
-        for alloc_id in ids:
-            try:
-                await network.teardown(alloc_id)
-            except Exception as exc:  # past every error: the rest still goes
-                log.error("teardown of allocation %s failed: %s", alloc_id, exc)
-                errors.append(f"{alloc_id}: {exc}")
+    async def _retire(self, runners: Sequence[AllocRunner], reason: str) -> list[str]:
+        """Services out in one batch, then each allocation torn down (never cut short)."""
+        ids = [i.id for r in runners for i in r.instances]
+        current = self._registry.snapshot.allocations
+        records = [r.alloc for r in runners if r.id in current]
+        changed = self._registry.apply(removals=ids, allocations=records)
+        self.last_index = changed.index
+        errors = await _destroy_all(runners, reason)
+        for r in runners:
+            if self._runners.get(r.id) is r:
+                del self._runners[r.id]
         return errors
 
-    async def stop(self, job_id: str) -> list[str]:
-        """Deregister job `job_id`, forget it, tear down its allocations; the problems.
+    async def stop(self, job_id: str, *, purge: bool = False) -> list[str]:
+        """Stop job `job_id` (see the module docstring); the problems met on the way.
 
-        The problems are the teardown errors and a store failure after the document
-        delete (see the module docstring).  A dead job's document is deleted; its
-        allocations, unknown, stay in netsetup's state.  Cancelled, a stop finishes,
-        then raises CancelledError.  Error handling: NotFoundError for an unknown
-        job; StateError when the document cannot be deleted (nothing is changed).
+        Error handling: NotFoundError for an unknown job; StateError when the
+        records cannot be written (nothing is changed then).  Cancelled, a stop
+        that has begun finishes, then raises CancelledError.
         """
         async with self._lock:
             self._check_open()
-            job = self._jobs.get(job_id)
+            job = self._registry.snapshot.jobs.get(job_id)
             if job is None and job_id not in self._dead:
                 raise NotFoundError(f"job {job_id!r} not found")
-            network = await self._net()
-            steps = self._forget_dead(job_id) if job is None else self._stop(job, network)
-            work = asyncio.ensure_future(steps)
+            work = asyncio.ensure_future(self._stop(job_id, job, purge=purge))
             try:
                 return await asyncio.shield(work)
             except asyncio.CancelledError:
                 await asyncio.wait([work])
                 raise
 
-    async def _stop(self, job: RunningJob, network: NetworkPort) -> list[str]:
-        job_id, ids = job.spec.id, [a.plan.id for a in job.allocs]
-        await self._store.put_job(job_id, None)
-        del self._jobs[job_id]
-        snap = self._registry.apply(removals=job.instance_ids, drop_allocs=ids)
-        self.last_index = snap.index
+    async def _stop(self, job_id: str, job: Job | None, *, purge: bool) -> list[str]:
+        snap = self._registry.snapshot
+        runners = [r for r in self._runners.values() if r.alloc.job_id == job_id]
+        every = [a.id for a in snap.allocations.values() if a.job_id == job_id]
+        for r in runners:
+            r.alloc = replace(r.alloc, desired=STOP, desired_description=STOPPED)
+        allocations: dict[str, Allocation | None] = {}
+        if purge or job is None:
+            allocations.update((ident, None) for ident in every)
+            jobs: dict[str, Job | None] = {job_id: None}
+        else:
+            allocations.update((r.id, r.alloc) for r in runners)
+            jobs = {job_id: replace(job, stop=True)}
+        try:
+            await self._store.write_ahead(jobs, allocations)
+        except BaseException:
+            for r in runners:
+                r.alloc = replace(r.alloc, desired=RUN, desired_description="")
+            raise
+        gone = [ident for ident, a in allocations.items() if a is None]
+        kept = jobs[job_id]
+        changed = self._registry.apply(
+            jobs=[kept] if kept is not None else [],
+            drop_jobs=[] if kept is not None else [job_id],
+            allocations=[a for a in allocations.values() if a is not None],
+            drop_allocations=gone,
+            removals=[i.id for r in runners for i in r.instances],
+        )
+        self.last_index = changed.index
+        if self._dead.pop(job_id, None) is not None:
+            log.warning("dead job %s forgotten", job_id)
         problems: list[str] = []
-        await self._after_commit(job_id, snap.index, problems)
-        return problems + await self._teardown_each(network, ids)
+        await self._after_commit(job_id, changed.index, problems)
+        problems += await self._retire(runners, STOPPED)
+        self._remove_dirs(gone)
+        return problems
 
-    async def _forget_dead(self, job_id: str) -> list[str]:
-        await self._store.put_job(job_id, None)
-        reason = self._dead.pop(job_id)
-        log.warning("dead job %s forgotten (%s); its allocations are left", job_id, reason)
-        return [
-            f"{job_id}: its document could not be read, so its allocations (if any) are"
-            " left in netsetup's state (`waypost net list`)"
-        ]
+    def _remove_dirs(self, alloc_ids: Iterable[str]) -> None:
+        """The directories of allocations that are gone, in the background."""
+        paths = [self._ctx.alloc_root / ident for ident in alloc_ids]
+        if paths:
+            self._in_background(asyncio.to_thread(_rmtrees, paths), "remove alloc dirs")
 
-    @property
-    def dead(self) -> Mapping[str, str]:
-        """The jobs whose document could not be read at start, with the reason."""
-        return self._dead
+    async def close(self, *, stop_tasks: bool = False) -> None:
+        """The agent stops (see the module docstring); later runs and stops raise StateError."""
+        async with self._lock:
+            self._closed = True
+            runners = list(self._runners.values())
+            if stop_tasks:
+                ids = [i.id for r in runners for i in r.instances]
+                self._registry.apply(removals=ids)
+                await _destroy_all(runners, SHUTDOWN)
+                self._runners.clear()
+            else:
+                await asyncio.gather(*(r.detach() for r in runners))
+            background = list(self._background)
+        await asyncio.gather(*background, return_exceptions=True)
 
-    # -- start ----------------------------------------------------------------------
+    # -- start ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Bring the persisted jobs back (see the module docstring).
+        """Bring the stored jobs and allocations back (see the module docstring).
 
-        The network is opened only when there are jobs.  Error handling: an
-        unreadable document makes its job dead (logged, in `dead`); an allocation
-        that cannot be set up again is logged and left out (the job runs without it).
+        The network is opened only when there is an allocation.  Error handling:
+        an unreadable job record makes the job dead (logged, in `dead`); an
+        allocation that cannot be restored is logged and marked failed.
         """
-        docs = await asyncio.to_thread(self._store.load_jobs)
+        job_rows, alloc_rows = await asyncio.to_thread(self._store.load_workload)
         async with self._lock:
-            restored: dict[str, RunningJob] = {}
-            for ident, text in sorted(docs.items()):
-                try:
-                    spec, plans, retiring = parse_doc(text)
-                except StateError as err:
-                    log.error(
-                        "job %s is dead, not started (its allocations stay in netsetup's"
-                        " state, `waypost net list`): %s",
-                        ident,
-                        err,
-                    )
-                    self._dead[ident] = str(err)
-                    continue
-                network = await self._net()
-                restored[ident] = await self._restore(network, spec, plans)
-                if retiring and not await self._teardown_all(network, retiring):
-                    warnings: list[str] = []
-                    await self._after_commit(ident, None, warnings, render_doc(restored[ident]))
-            self._register_restored(restored)
+            jobs = self._parse_jobs(job_rows)
+            allocs = _parse_allocs(alloc_rows)
+            self._registry.apply(jobs=jobs.values(), allocations=allocs.values())
+            keep = {
+                a.id: a
+                for a in allocs.values()
+                if not a.terminal and (j := jobs.get(a.job_id)) is not None and not j.stop
+            }
+            if job_rows or alloc_rows:  # else there is nothing of ours in netsetup either
+                claimed = await self._restore(jobs, keep)
+                await self._sweep(claimed)
 
-    async def _restore(
-        self, network: NetworkPort, spec: JobSpec, plans: Sequence[PlannedAlloc]
-    ) -> RunningJob:
-        allocs = []
-        for plan in plans:
+    def _parse_jobs(self, rows: Mapping[str, str]) -> dict[str, Job]:
+        jobs = {}
+        for ident, text in sorted(rows.items()):
             try:
-                net = await network.get(plan.id)
-                if net is None:
-                    log.warning("allocation %s (%s) is gone; setting it up", plan.id, plan.name)
-                    net = await self._setup_again(network, plan)
-                instances = plan_instances(plan, spec.group(plan.group), net, self._node)
-            except (NetsetupError, ValidationError) as exc:
-                log.error("allocation %s (%s) cannot be restored: %s", plan.id, plan.name, exc)
+                jobs[ident] = parse_job_record(text)
+            except (ValueError, KeyError, TypeError, ValidationError) as exc:
+                reason = f"its stored record cannot be read: {exc!r}"
+                log.error("job %s is dead, not started: %s", ident, reason)
+                self._dead[ident] = reason
+        return jobs
+
+    async def _restore(self, jobs: Mapping[str, Job], keep: Mapping[str, Allocation]) -> set[str]:
+        """Restore the allocations in `keep`; the ids of those that run again."""
+        runners = []
+        for alloc in sorted(keep.values(), key=lambda a: (a.job_id, a.group, a.index)):
+            runner = AllocRunner(self._ctx, jobs[alloc.job_id].spec, alloc)
+            try:
+                await runner.restore()
+            except (NetsetupError, ValidationError, OSError, KeyError) as exc:
+                log.error("allocation %s (%s) cannot be restored: %s", alloc.id, alloc.name, exc)
+                self._registry.apply(allocations=[_failed_record(alloc, exc)])
                 continue
-            allocs.append(RunningAlloc(plan, net, instances))
-        return RunningJob(spec, tuple(allocs))
-
-    async def _setup_again(self, network: NetworkPort, plan: PlannedAlloc) -> AllocNetwork:
-        """Set `plan` up; a reservation a crash left half done is torn down first (once)."""
-        try:
-            return await network.setup(plan.id, plan.network)
-        except AllocExists:
-            log.warning("allocation %s: a setup was interrupted; redoing it", plan.id)
-            await network.teardown(plan.id)
-            return await network.setup(plan.id, plan.network)
-
-    def _register_restored(self, restored: dict[str, RunningJob]) -> None:
-        """One batch: the jobs' instances (check states kept) and allocs; stale ones out."""
+            runners.append(runner)
         snap = self._registry.snapshot
         fresh = [
-            keep_check_state(i, snap.instances.get(i.id))
-            for job in restored.values()
-            for a in job.allocs
-            for i in a.instances
+            keep_check_state(i, snap.instances.get(i.id)) for r in runners for i in r.instances
         ]
         wanted = {i.id for i in fresh}
         stale = [i.id for i in snap.instances.values() if i.source == SOURCE and i.id not in wanted]
-        allocs = [
-            Alloc(a.plan.id, alloc_addresses(a.network), a.plan.name)
-            for job in restored.values()
-            for a in job.allocs
-        ]
-        kept = {a.id for a in allocs}
-        new = self._registry.apply(
-            upserts=fresh,
-            removals=stale,
-            allocs=allocs,
-            drop_allocs=[ident for ident in snap.allocs if ident not in kept],
-        )
-        self._jobs = {k: replace(v, modify_index=new.index) for k, v in restored.items()}
-        self.last_index = new.index
+        self._registry.apply(upserts=fresh, removals=stale, allocations=[r.alloc for r in runners])
+        for r in runners:
+            self._runners[r.id] = r
+            r.start()
+        checks = {k: v for r in runners for k, v in r.task_checks().items()}
+        changed = self._registry.update_checks(checks, allocations=[r.alloc for r in runners])
+        self.last_index = changed.index
+        return {r.id for r in runners}
+
+    async def _sweep(self, claimed: set[str]) -> None:
+        """Tear down what netsetup holds and no allocation to run claims, and its processes."""
+        network = await self._net()
+        for net in await network.list():
+            if net.alloc_id in claimed:
+                continue
+            log.warning("allocation %s belongs to no job: tearing it down", net.alloc_id)
+            killed = await asyncio.to_thread(proc.kill_marked, net.alloc_id, "", self._ctx.boot)
+            if killed:
+                log.warning("allocation %s: killed its processes %s", net.alloc_id, killed)
+            try:
+                await network.teardown(net.alloc_id)
+            except NetsetupError as exc:
+                log.error("allocation %s could not be torn down: %s", net.alloc_id, exc)
+
+
+def _failed_record(alloc: Allocation, exc: Exception) -> Allocation:
+    """`alloc` with every task dead and failed: it could not be brought back."""
+    event = TaskEvent(
+        SETUP_FAILURE, time.time_ns(), f"could not be restored: {exc}", fails_task=True
+    )
+    tasks = tuple(
+        (name, with_event(state, event, state=DEAD, failed=True, process=None))
+        for name, state in alloc.tasks
+    )
+    return replace(alloc, tasks=tasks)
+
+
+def _parse_allocs(rows: Mapping[str, str]) -> dict[str, Allocation]:
+    allocs = {}
+    for ident, text in sorted(rows.items()):
+        try:
+            allocs[ident] = parse_alloc_record(text)
+        except (ValueError, KeyError, TypeError, WaypostError, NetsetupError) as exc:
+            log.error("allocation %s: its stored record cannot be read (%r); torn down", ident, exc)
+    return allocs
+
+
+async def _destroy_all(runners: Sequence[AllocRunner], reason: str) -> list[str]:
+    """Destroy every runner at once, past errors; the errors.  Never cut short."""
+    work = asyncio.ensure_future(asyncio.gather(*(r.destroy(reason) for r in runners)))
+    try:
+        results = await asyncio.shield(work)
+    except asyncio.CancelledError:
+        await asyncio.wait([work])
+        raise
+    return [e for errors in results for e in errors]
+
+
+def _rmtrees(paths: Iterable[Path]) -> None:
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+async def _run_logged(work: Awaitable[None]) -> None:
+    try:
+        await work
+    except Exception:
+        log.exception("background job work failed")

@@ -1,69 +1,103 @@
 """Jobs and allocations over HTTP, in Nomad's JSON shapes.  Pure: no I/O.
 
     POST|PUT /v1/jobs               register a job ({"Job": {...}}, Nomad's body); runs it
-    GET    /v1/jobs                 [JobListStub]
+    POST|PUT /v1/job/:id            the same, for that id (python-nomad's register_job)
+    GET    /v1/jobs                 [JobListStub]                 ?prefix=
     GET    /v1/job/:id              the job (Nomad's fields waypost implements) + Status
     GET    /v1/job/:id/allocations  [AllocListStub] of that job
-    DELETE /v1/job/:id              deregister: services out, allocations torn down
-    GET    /v1/allocations          [AllocListStub]
-    GET    /v1/allocation/:id       the allocation: Nomad's AllocatedResources (ports with
-                                    Label, Value, To, HostIP) and NetworkStatus, plus
-                                    waypost's `Network` (mode, IPs, namespace path, veth)
-                                    and `Env` (the NOMAD_* variables to run its tasks with)
+    GET    /v1/job/:id/summary      Nomad's JobSummary (allocations per group and status)
+    DELETE /v1/job/:id              deregister: services out, tasks stopped, network down;
+                                    the job stays listed as dead (Stop), `?purge=true` forgets it
+    GET    /v1/allocations          [AllocListStub]               ?prefix=
+    GET    /v1/allocation/:id       the allocation: Nomad's TaskStates, AllocatedResources
+                                    (ports with Label, Value, To, HostIP), NetworkStatus,
+                                    plus waypost's `Network` (mode, IPs, namespace path,
+                                    veth) and `Env` (each task's runtime environment)
+
+Every read is a function of one registry snapshot and a blocking query
+(`?index=&wait=`, X-Nomad-Index) that wakes when what it shows changes: a job
+read on that job and its allocations (discovery.workload.job_key), a list on
+any job or allocation, an allocation read on that allocation.
 
 Writes need a write token when ACLs are on.  Bad input is a 400 naming the JSON
 path (`Job.TaskGroups[0].Count`), an unknown id a 404, a port or address that
 cannot be had a 409, a host that cannot do it (bridge mode without root) a 500
-saying so; in every case nothing of the request is left applied.
-
-Tasks are not run: `ClientStatus` "running" means the allocation's network is up
-and its services are registered.  A job whose persisted document could not be read
-at start is listed with Status "dead" and the reason in StatusDescription (no
-allocations); DELETE forgets it.  A store failure after a run or stop committed
-(see discovery.allocations) is a 200 whose Warnings say so.  These reads are not
-blocking queries.
+saying so; in every case nothing of the request is left applied.  A job whose
+stored record could not be read at start is listed with Status "dead" and the
+reason in StatusDescription; DELETE forgets it.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from discovery.acl import Access
-from discovery.allocations import JobFailed, JobRunner, RunningAlloc, RunningJob
+from discovery.allocations import JobFailed, JobRunner
 from discovery.api import ApiContext, ApiError, ApiRequest, ApiResponse, Route
-from discovery.api_consul import node_id
-from discovery.errors import StateError, ValidationError
-from discovery.jobs import NAMESPACE, alloc_env, parse_job, render_job
+from discovery.api_consul_node import node_id
+from discovery.errors import NotFoundError, StateError, ValidationError
+from discovery.jobs import NAMESPACE, parse_job, render_job
 from discovery.registry import Snapshot
-from netsetup.env import render_env
+from discovery.tasks.state import render_task_state
+from discovery.workload import (
+    ALLOCS_KEY,
+    JOBS_KEY,
+    Allocation,
+    Job,
+    alloc_key,
+    allocs_of,
+    job_key,
+    job_status,
+)
 from netsetup.errors import AllocExists, PortError, SubnetExhausted
 
 Json = dict[str, Any]
 CONFLICT = 409  # a port or an address is taken
 FAILED = 500
+PRIORITY = 50  # Nomad's default job priority
+MIN_PREFIX = 2  # an allocation id prefix shorter than this names nothing (Nomad's CLI rule)
+_DESCRIPTIONS = {
+    "pending": "No tasks have started",
+    "running": "Tasks are running",
+    "complete": "All tasks have completed",
+    "failed": "Failed due to unhealthy allocations",
+}
+_SUMMARY_KEYS = {"pending": "Starting", "running": "Running", "complete": "Complete"}
 
 
-def _job_stub(job: RunningJob) -> Json:
+def render_job_stub(job: Job, snap: Snapshot, datacenter: str) -> Json:
     return {
-        "ID": job.spec.id,
+        "ID": job.id,
+        "ParentID": "",
         "Name": job.spec.name,
         "Namespace": NAMESPACE,
+        "Datacenters": [datacenter],
         "Type": "service",
-        "Status": "running",
-        "CreateIndex": job.modify_index,
+        "Priority": PRIORITY,
+        "Periodic": False,
+        "ParameterizedJob": False,
+        "Stop": job.stop,
+        "Status": job_status(job, snap.allocations.values()),
+        "StatusDescription": "",
+        "JobSummary": render_summary(job, snap),
+        "CreateIndex": job.create_index,
         "ModifyIndex": job.modify_index,
-        "JobModifyIndex": job.modify_index,
+        "JobModifyIndex": job.job_modify_index,
+        "SubmitTime": job.submit_time,
+        "Version": job.version,
     }
 
 
 def render_dead_stub(job_id: str, reason: str) -> Json:
-    """A job whose document could not be read at start: not running, nothing served."""
+    """A job whose record could not be read at start: not running, nothing served."""
     return {
         "ID": job_id,
         "Name": job_id,
         "Namespace": NAMESPACE,
         "Type": "service",
+        "Stop": False,
         "Status": "dead",
         "StatusDescription": reason,
         "CreateIndex": 0,
@@ -72,70 +106,111 @@ def render_dead_stub(job_id: str, reason: str) -> Json:
     }
 
 
-def render_job_detail(job: RunningJob) -> Json:
-    return {**render_job(job.spec), **_job_stub(job)}
-
-
-def render_alloc_stub(job: RunningJob, alloc: RunningAlloc, node: str) -> Json:
-    plan = alloc.plan
+def render_summary(job: Job, snap: Snapshot) -> Json:
+    """Nomad's JobSummary: per group, how many allocations are in each state."""
+    groups = {
+        g.name: dict.fromkeys(
+            ("Queued", "Complete", "Failed", "Running", "Starting", "Lost", "Unknown"), 0
+        )
+        for g in job.spec.groups
+    }
+    for alloc in allocs_of(snap.allocations, job.id):
+        counts = groups.get(alloc.group)
+        if counts is not None:
+            status = alloc.client_status
+            counts[_SUMMARY_KEYS.get(status, "Failed")] += 1
     return {
-        "ID": plan.id,
-        "Name": plan.name,
+        "JobID": job.id,
         "Namespace": NAMESPACE,
-        "NodeID": node_id(node),
-        "NodeName": node,
-        "JobID": job.spec.id,
-        "TaskGroup": plan.group,
-        "DesiredStatus": "run",
-        "ClientStatus": "running",
-        "CreateIndex": job.modify_index,
+        "Summary": groups,
+        "Children": {"Pending": 0, "Running": 0, "Dead": 0},
+        "CreateIndex": job.create_index,
         "ModifyIndex": job.modify_index,
     }
 
 
-def render_alloc(job: RunningJob, alloc: RunningAlloc, node: str) -> Json:
-    """Nomad's Allocation (the fields waypost has) plus `Network` and `Env`."""
+def render_job_detail(job: Job, snap: Snapshot, datacenter: str) -> Json:
+    return {
+        **render_job(job.spec),
+        **render_job_stub(job, snap, datacenter),
+    }
+
+
+def render_alloc_stub(alloc: Allocation, node: str) -> Json:
+    status = alloc.client_status
+    return {
+        "ID": alloc.id,
+        "EvalID": "",
+        "Name": alloc.name,
+        "Namespace": NAMESPACE,
+        "NodeID": node_id(node),
+        "NodeName": node,
+        "JobID": alloc.job_id,
+        "JobVersion": alloc.job_version,
+        "TaskGroup": alloc.group,
+        "DesiredStatus": alloc.desired,
+        "DesiredDescription": alloc.desired_description,
+        "ClientStatus": status,
+        "ClientDescription": _DESCRIPTIONS.get(status, ""),
+        "TaskStates": {name: render_task_state(state) for name, state in alloc.tasks},
+        "CreateIndex": alloc.create_index,
+        "ModifyIndex": alloc.modify_index,
+        "AllocModifyIndex": alloc.create_index,
+        "CreateTime": alloc.create_time,
+        "ModifyTime": alloc.modify_time,
+    }
+
+
+def render_alloc(alloc: Allocation, job: Job | None, snap: Snapshot, node: str) -> Json:
+    """Nomad's Allocation (the fields waypost has) plus `Network`, `Services` and `Env`."""
+    out = render_alloc_stub(alloc, node)
     net = alloc.network
+    if job is not None:
+        out["Job"] = render_job(job.spec)
+    out["Env"] = {name: dict(env) for name, env in alloc.env}
+    services = [i.id for i in snap.instances.values() if i.alloc_id == alloc.id]
+    out["Services"] = sorted(services)
+    if net is None:
+        return out
     ports = [
         {"Label": p.label, "Value": p.host_port, "To": p.alloc_port, "HostIP": p.host_ip}
         for p in net.ports
     ]
-    statics = {p.label for p in alloc.plan.network.ports if p.static is not None}
-    network = {
+    statics: set[str] = set()
+    if job is not None:
+        group = next((g for g in job.spec.groups if g.name == alloc.group), None)
+        if group is not None:
+            statics = {p.label for p in group.network.ports if p.static is not None}
+    short = [{"Label": p["Label"], "Value": p["Value"], "To": p["To"]} for p in ports]
+    out["AllocatedResources"] = {
+        "Shared": {
+            "Networks": [
+                {
+                    "Mode": net.mode,
+                    "IP": net.host_ip,
+                    "ReservedPorts": [p for p in short if p["Label"] in statics],
+                    "DynamicPorts": [p for p in short if p["Label"] not in statics],
+                }
+            ],
+            "Ports": ports,
+        }
+    }
+    out["NetworkStatus"] = {
+        "InterfaceName": net.interface,
+        "Address": net.alloc_ip,
+        "AddressIPv6": net.alloc_ip6,
+    }
+    out["Network"] = {
         "Mode": net.mode,
-        "IP": net.host_ip,
-        "ReservedPorts": [
-            {"Label": p["Label"], "Value": p["Value"], "To": p["To"]}
-            for p in ports
-            if p["Label"] in statics
-        ],
-        "DynamicPorts": [
-            {"Label": p["Label"], "Value": p["Value"], "To": p["To"]}
-            for p in ports
-            if p["Label"] not in statics
-        ],
+        "HostIP": net.host_ip,
+        "AllocIP": net.alloc_ip,
+        "AllocIPv6": net.alloc_ip6,
+        "Namespace": net.netns,
+        "Interface": net.interface,
+        "HostVeth": net.host_veth,
+        "Bridge": net.bridge,
     }
-    return {
-        **render_alloc_stub(job, alloc, node),
-        "AllocatedResources": {"Shared": {"Networks": [network], "Ports": ports}},
-        "NetworkStatus": {
-            "InterfaceName": net.interface,
-            "Address": net.alloc_ip,
-            "AddressIPv6": net.alloc_ip6,
-        },
-        "Network": {
-            "Mode": net.mode,
-            "HostIP": net.host_ip,
-            "AllocIP": net.alloc_ip,
-            "AllocIPv6": net.alloc_ip6,
-            "Namespace": net.netns,
-            "Interface": net.interface,
-            "HostVeth": net.host_veth,
-            "Bridge": net.bridge,
-        },
-        "Services": [i.id for i in alloc.instances],
-        "Env": alloc_env(alloc.plan, job.spec, render_env(net)),
-    }
+    return out
 
 
 def _decode(body: bytes) -> object:
@@ -152,7 +227,23 @@ def _failed(err: JobFailed) -> ApiError:
     return ApiError(CONFLICT if conflict else FAILED, str(err), "")
 
 
-def routes(runner: JobRunner, node: str) -> tuple[Route, ...]:
+def parse_bool(value: str | None, name: str) -> bool:
+    """A query flag as Go's strconv.ParseBool reads it (Nomad's `?purge=`, `?follow=`)."""
+    if value is None or value == "":
+        return False
+    if value in ("1", "t", "T", "TRUE", "true", "True"):
+        return True
+    if value in ("0", "f", "F", "FALSE", "false", "False"):
+        return False
+    raise ApiError(400, f"{name}: {value!r} is not a boolean", name)
+
+
+def _prefixed(items: Mapping[str, Any], req: ApiRequest) -> list[str]:
+    prefix = req.arg("prefix") or ""
+    return sorted(k for k in items if k.startswith(prefix))
+
+
+def routes(runner: JobRunner, node: str, datacenter: str = "dc1") -> tuple[Route, ...]:
     """The job and allocation routes around `runner`; `node` names this agent's node."""
 
     async def register(req: ApiRequest, _ctx: ApiContext) -> ApiResponse:
@@ -160,79 +251,124 @@ def routes(runner: JobRunner, node: str) -> tuple[Route, ...]:
             spec = parse_job(_decode(req.body))
         except ValidationError as err:
             raise ApiError.invalid(err) from None
+        wanted = req.params.get("id")
+        if wanted is not None and wanted != spec.id:
+            raise ApiError(400, f"Job ID {spec.id!r} does not match the URL's {wanted!r}", "Job.ID")
         try:
-            job, changed = await runner.run(spec)
+            result = await runner.run(spec)
         except JobFailed as err:
             raise _failed(err) from None
         except ValidationError as err:
-            raise ApiError.invalid(err, "Job") from None
-        except StateError as err:  # the document was not written: nothing is applied
+            raise ApiError.invalid(err) from None
+        except StateError as err:  # the records were not written: nothing is applied
             raise ApiError(FAILED, f"job {spec.id!r} not run, nothing applied: {err}", "") from None
-        index = job.modify_index
+        index = result.index
         body = {
             "EvalID": "",
             "EvalCreateIndex": index,
-            "JobModifyIndex": index,
-            "Warnings": "; ".join(job.warnings) if changed else "job unchanged",
+            "JobModifyIndex": result.job.job_modify_index,
+            "Warnings": "; ".join(result.warnings) if result.changed else "job unchanged",
             "Index": index,
+            "LastContact": 0,
+            "KnownLeader": True,
         }
         return ApiResponse(body, index=index)
 
-    def list_jobs(_req: ApiRequest, _snap: Snapshot) -> ApiResponse:
-        stubs = {k: _job_stub(job) for k, job in runner.jobs.items()}
+    def list_jobs(req: ApiRequest, snap: Snapshot) -> ApiResponse:
+        stubs = {k: render_job_stub(job, snap, datacenter) for k, job in snap.jobs.items()}
         stubs.update((k, render_dead_stub(k, why)) for k, why in runner.dead.items())
-        return ApiResponse([stubs[k] for k in sorted(stubs)])
+        return ApiResponse([stubs[k] for k in _prefixed(stubs, req)])
 
-    def _job(req: ApiRequest) -> RunningJob | None:
-        """The running job of the request's id; None for a dead one; 404 for neither."""
+    def _job(req: ApiRequest, snap: Snapshot) -> Job | None:
+        """The job of the request's id; None for a dead one; 404 for neither."""
         ident = req.params["id"]
-        job = runner.jobs.get(ident)
+        job = snap.jobs.get(ident)
         if job is None and ident not in runner.dead:
-            raise ApiError(404, f"job {ident!r} not found", "id")
+            raise ApiError(404, "job not found", "id")
         return job
 
-    def get_job(req: ApiRequest, _snap: Snapshot) -> ApiResponse:
-        job = _job(req)
+    def get_job(req: ApiRequest, snap: Snapshot) -> ApiResponse:
+        job = _job(req, snap)
         if job is None:
             ident = req.params["id"]
             return ApiResponse(render_dead_stub(ident, runner.dead[ident]))
-        return ApiResponse(render_job_detail(job))
+        return ApiResponse(render_job_detail(job, snap, datacenter))
 
-    def job_allocs(req: ApiRequest, _snap: Snapshot) -> ApiResponse:
-        job = _job(req)
+    def job_allocs(req: ApiRequest, snap: Snapshot) -> ApiResponse:
+        job = _job(req, snap)
         if job is None:
             return ApiResponse([])
-        return ApiResponse([render_alloc_stub(job, a, node) for a in job.allocs])
+        return ApiResponse(
+            [render_alloc_stub(a, node) for a in allocs_of(snap.allocations, job.id)]
+        )
 
-    async def deregister(req: ApiRequest, _ctx: ApiContext) -> ApiResponse:
-        _job(req)
+    def job_summary(req: ApiRequest, snap: Snapshot) -> ApiResponse:
+        job = _job(req, snap)
+        if job is None:
+            raise ApiError(404, "job not found", "id")
+        return ApiResponse(render_summary(job, snap))
+
+    async def deregister(req: ApiRequest, ctx: ApiContext) -> ApiResponse:
+        purge = parse_bool(req.arg("purge"), "purge")
         try:
-            errors = await runner.stop(req.params["id"])
-        except StateError as err:  # the document was not deleted: nothing is changed
+            errors = await runner.stop(req.params["id"], purge=purge)
+        except NotFoundError:
+            raise ApiError(404, "job not found", "id") from None
+        except StateError as err:  # the records were not written: nothing is changed
             raise ApiError(FAILED, f"job not stopped, nothing changed: {err}", "") from None
-        index = runner.last_index
-        body = {"EvalID": "", "EvalCreateIndex": index, "JobModifyIndex": index}
+        index = ctx.registry.snapshot.index
+        body: Json = {"EvalID": "", "EvalCreateIndex": index, "JobModifyIndex": index}
         if errors:
             body["Warnings"] = "; ".join(errors)
         return ApiResponse(body, index=index)
 
-    def list_allocs(_req: ApiRequest, _snap: Snapshot) -> ApiResponse:
-        jobs = [runner.jobs[k] for k in sorted(runner.jobs)]
-        return ApiResponse([render_alloc_stub(j, a, node) for j in jobs for a in j.allocs])
+    def list_allocs(req: ApiRequest, snap: Snapshot) -> ApiResponse:
+        allocations = snap.allocations
+        return ApiResponse(
+            [render_alloc_stub(allocations[k], node) for k in _prefixed(allocations, req)]
+        )
 
-    def get_alloc(req: ApiRequest, _snap: Snapshot) -> ApiResponse:
-        found = runner.alloc(req.params["id"])
-        if found is None:
-            raise ApiError(404, f"allocation {req.params['id']!r} not found", "id")
-        return ApiResponse(render_alloc(*found, node))
+    def get_alloc(req: ApiRequest, snap: Snapshot) -> ApiResponse:
+        alloc = find_alloc(snap, req.params["id"])
+        return ApiResponse(render_alloc(alloc, snap.jobs.get(alloc.job_id), snap, node))
+
+    def on_job(req: ApiRequest) -> list[str]:
+        return [job_key(req.params["id"])]
+
+    def on_jobs(_req: ApiRequest) -> list[str]:
+        return [JOBS_KEY, ALLOCS_KEY]
+
+    def on_allocs(_req: ApiRequest) -> list[str]:
+        return [ALLOCS_KEY]
+
+    def on_alloc(req: ApiRequest) -> list[str]:
+        return [alloc_key(req.params["id"])]
 
     return (
         Route("POST", "/v1/jobs", Access.WRITE, write=register),
         Route("PUT", "/v1/jobs", Access.WRITE, write=register),
-        Route("GET", "/v1/jobs", Access.READ, read=list_jobs),
-        Route("GET", "/v1/job/{id}", Access.READ, read=get_job),
-        Route("GET", "/v1/job/{id}/allocations", Access.READ, read=job_allocs),
+        Route("POST", "/v1/job/{id}", Access.WRITE, write=register),
+        Route("PUT", "/v1/job/{id}", Access.WRITE, write=register),
+        Route("GET", "/v1/jobs", Access.READ, read=list_jobs, watch=on_jobs),
+        Route("GET", "/v1/job/{id}", Access.READ, read=get_job, watch=on_job),
+        Route("GET", "/v1/job/{id}/allocations", Access.READ, read=job_allocs, watch=on_job),
+        Route("GET", "/v1/job/{id}/summary", Access.READ, read=job_summary, watch=on_job),
         Route("DELETE", "/v1/job/{id}", Access.WRITE, write=deregister),
-        Route("GET", "/v1/allocations", Access.READ, read=list_allocs),
-        Route("GET", "/v1/allocation/{id}", Access.READ, read=get_alloc),
+        Route("GET", "/v1/allocations", Access.READ, read=list_allocs, watch=on_allocs),
+        Route("GET", "/v1/allocation/{id}", Access.READ, read=get_alloc, watch=on_alloc),
     )
+
+
+def find_alloc(snap: Snapshot, ident: str) -> Allocation:
+    """The allocation `ident` names: its id, or a unique prefix of it (404 otherwise)."""
+    alloc = snap.allocations.get(ident)
+    if alloc is not None:
+        return alloc
+    matches = []
+    if len(ident) >= MIN_PREFIX:
+        matches = [a for k, a in snap.allocations.items() if k.startswith(ident)]
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        raise ApiError(400, f"allocation prefix {ident!r} matches several allocations", "id")
+    raise ApiError(404, f"allocation {ident!r} not found", "id")

@@ -35,7 +35,7 @@ from urllib.parse import urljoin, urlsplit
 
 from discovery.durations import format_duration
 from discovery.errors import NotFoundError, ValidationError
-from discovery.model import MAX_OUTPUT, Check, CheckKind, Health, Instance
+from discovery.model import MAX_OUTPUT, PROBED_KINDS, Check, CheckKind, Health, Instance
 from discovery.registry import Registry, Snapshot
 
 log = logging.getLogger(__name__)
@@ -324,6 +324,11 @@ async def probe_tcp(address: str, within: float) -> Outcome:
 # -- the runner: state ------------------------------------------------------------
 
 
+def _probed(inst: Instance) -> list[Check]:
+    """The checks of `inst` this runner runs (not those set by their owner: task checks)."""
+    return [c for c in inst.checks if c.kind in PROBED_KINDS]
+
+
 def _definition(check: Check) -> tuple[object, ...]:
     """What makes a check run differently; a change of any of these restarts it."""
     return (check.kind, check.target, check.ttl, check.interval, check.timeout)
@@ -453,13 +458,13 @@ class CheckRunner:
             for inst in snap.services.get(key, ()):
                 tracked = self._tracked.get(inst.id)
                 if tracked is None:
-                    if inst.checks:
+                    if _probed(inst):
                         self._track(inst)
                 elif tracked.instance is not inst:
                     self._resync(tracked, inst)
 
     def _track(self, inst: Instance) -> None:
-        tracked = _Tracked(inst, {c.id: self._start_check(inst.id, c) for c in inst.checks})
+        tracked = _Tracked(inst, {c.id: self._start_check(inst.id, c) for c in _probed(inst)})
         self._tracked[inst.id] = tracked
         self._by_key.setdefault(inst.key, set()).add(inst.id)
 
@@ -484,7 +489,7 @@ class CheckRunner:
             self._leave_key(tracked.instance.key, inst.id)
             self._by_key.setdefault(inst.key, set()).add(inst.id)
         tracked.instance = inst
-        wanted = {c.id: c for c in inst.checks}
+        wanted = {c.id: c for c in _probed(inst)}
         for check_id, run in list(tracked.checks.items()):
             check = wanted.get(check_id)
             if check is None or _definition(check) != _definition(run.check):

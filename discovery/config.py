@@ -156,6 +156,7 @@ class AgentConfig:
     acl: AclSettings = field(default_factory=AclSettings)
     consul: MirrorSettings | None = None  # the Consul mirror; None: no `consul` block
     client: NetConfig = field(default_factory=NetConfig)  # allocation networking (jobs)
+    dev: bool = False  # --dev: tasks are stopped with the agent
 
     @property
     def datacenter(self) -> str:
@@ -828,6 +829,7 @@ def parse_config(
             advertise
             or (node_address if overrides.dev and "client.network_interface" not in values else ""),
         ),
+        dev=overrides.dev,
     )
 
 

@@ -116,6 +116,7 @@ class StreamRoute:
     handler: StreamHandler
     access: Access = Access.READ
     content_type: str = "application/x-ndjson"
+    content_type_of: Callable[[ApiRequest], str] | None = None  # per request, when it varies
 
 
 class HttpStats:
@@ -518,7 +519,8 @@ def _stream_handler(route: StreamRoute) -> Handler:
         _authorize(request, route.access, state.acl)
         req = _api_request(request, b"", state.ctx)
         response = web.StreamResponse(headers=LEADER_HEADERS)
-        response.content_type = route.content_type
+        chosen = route.content_type_of
+        response.content_type = route.content_type if chosen is None else chosen(req)
 
         async def send(chunk: bytes) -> None:
             if not response.prepared:

@@ -9,29 +9,37 @@
     plan_instances(...)        the registry instances of one allocation from its AllocNetwork
 
 The subset of Nomad's job (api/jobs.go, api/tasks.go, api/resources.go,
-api/services.go): `ID`, `Name`, `Type` ("service"), `TaskGroups[]` with `Name`,
-`Count`, `Networks[]` (at most one: `Mode` host|bridge, `ReservedPorts[]`,
-`DynamicPorts[]` with `Label`, `Value`, `To`, `HostNetwork`) and `Services[]`
-(`Name`, `PortLabel`, `Tags`, `Meta`, `AddressMode` auto|host|alloc, `Checks[]`
-with `Name`, `Type` http|tcp|ttl, `Path`, `Protocol`, `PortLabel`, `Interval`,
-`Timeout`, `TTL`, `InitialStatus`).  Durations: integers are nanoseconds (what
+api/services.go): `ID`, `Name`, `Type` ("service"), `Meta`, `TaskGroups[]` with
+`Name`, `Count`, `Meta`, `RestartPolicy`, `Networks[]` (at most one: `Mode`
+host|bridge, `ReservedPorts[]`, `DynamicPorts[]` with `Label`, `Value`, `To`,
+`HostNetwork`), `Services[]` and `Tasks[]` (discovery.tasks.spec: the exec
+driver's fields, and the task's own `Services[]`).  A service has `Name`,
+`PortLabel`, `Tags`, `Meta`, `AddressMode` auto|host|alloc and `Checks[]` with
+`Name`, `Type` http|tcp|ttl, `Path`, `Protocol`, `PortLabel`, `Interval`,
+`Timeout`, `TTL`, `InitialStatus`.  Durations: integers are nanoseconds (what
 Nomad's API sends), strings are Go durations ("10s").
 
 Unknown keys: Nomad's own documented fields that waypost does not implement
-(Tasks, Constraints, Update, Datacenters...) are accepted and ignored, so a job
+(Constraints, Update, Datacenters...) are accepted and ignored, so a job
 exported from Nomad posts unchanged; any other key is rejected as an "unknown
 field", which catches misspellings (`Lable`, `Servics`) that would otherwise
-silently drop a port or a service.  A few Nomad fields that would change the
-result if ignored (Service.Connect, Service.Address, Network.DNS...) are rejected
-as "not supported by waypost".  Keys are matched case-sensitively.
+silently drop a port or a service.  Nomad fields that would change the result
+if ignored (Service.Connect, Network.DNS, Task.Templates, another driver...) are
+rejected as "not supported by waypost" (discovery.nomadjson).  Keys are matched
+case-sensitively.  A group needs at least one task, as in Nomad.
 
-Service addresses follow Nomad's rules for group services: AddressMode auto and
-host advertise the host IP and the mapped host port; alloc advertises the
-allocation's IP and the port inside (`To`), and needs bridge mode.  A numeric
-PortLabel is that port as is.  Service ids are Nomad's
-(`_nomad-task-<allocID>-group-<group>-<service>-<port label>`), the source is
-"job", `alloc_id` ties each instance to its allocation and `job_id` to its job
-(Nomad's `JobID` in `/v1/service/:name`).
+Service addresses follow Nomad's rules: AddressMode auto and host advertise
+the host IP and the mapped host port; alloc advertises the allocation's IP and
+the port inside (`To`), and needs bridge mode.  A numeric PortLabel is that port
+as is.  Service ids are Nomad's (`_nomad-task-<allocID>-group-<group>-<service>-<port
+label>` for a group's services, `_nomad-task-<allocID>-<task>-<service>-<port label>`
+for a task's), the source is "job", `alloc_id` ties each instance to its allocation
+and `job_id` to its job (Nomad's `JobID` in `/v1/service/:name`).
+
+Every job instance has, besides its own checks, a check of kind "task"
+(:func:`task_check_id`): passing while the tasks it belongs to run (a task's
+services: that task; a group's: every task of the group), critical otherwise, so an
+instance leaves DNS the moment its task exits; discovery.allocations sets it.
 """
 
 from __future__ import annotations
@@ -39,19 +47,30 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from discovery.durations import duration_ns
 from discovery.errors import ValidationError
 from discovery.model import (
     Check,
     CheckKind,
+    Health,
     Instance,
     check_int,
     check_label,
     make_check,
     make_instance,
+)
+from discovery.nomadjson import JsonObject, ns, seconds
+from discovery.tasks.spec import (
+    MAX_META,
+    MAX_TASKS,
+    RestartPolicy,
+    TaskSpec,
+    parse_restart,
+    parse_task,
+    render_restart,
+    render_task,
 )
 from netsetup.spec import AllocNetwork, NetworkSpec, PortSpec
 
@@ -80,14 +99,14 @@ _IGNORED_REQUEST = frozenset(
 _IGNORED_JOB = frozenset(
     {"Region", "Priority", "AllAtOnce", "Datacenters", "NodePool", "Constraints", "Affinities"}
     | {"Update", "Multiregion", "Spreads", "Periodic", "ParameterizedJob", "Dispatched"}
-    | {"DispatchIdempotencyToken", "Payload", "Reschedule", "Migrate", "Meta", "ConsulToken"}
+    | {"DispatchIdempotencyToken", "Payload", "Reschedule", "Migrate", "ConsulToken"}
     | {"VaultToken", "ConsulNamespace", "VaultNamespace", "NomadTokenID", "Status", "Stop"}
     | {"StatusDescription", "Stable", "Version", "SubmitTime", "CreateIndex", "ModifyIndex"}
     | {"JobModifyIndex", "ParentID", "UI", "VersionTag", "ParentJob"}
 )
 _IGNORED_GROUP = frozenset(
-    {"Constraints", "Affinities", "Tasks", "Spreads", "Volumes", "RestartPolicy", "Disconnect"}
-    | {"ReschedulePolicy", "EphemeralDisk", "Update", "Migrate", "Meta", "ShutdownDelay"}
+    {"Constraints", "Affinities", "Spreads", "Disconnect"}
+    | {"ReschedulePolicy", "EphemeralDisk", "Update", "Migrate", "ShutdownDelay"}
     | {"StopAfterClientDisconnect", "MaxClientDisconnect", "Scaling", "Consul"}
     | {"PreventRescheduleOnLost"}
 )
@@ -101,9 +120,8 @@ _IGNORED_CHECK = frozenset(
     {"Id", "CheckRestart", "TaskName", "OnUpdate", "SuccessBeforePassing", "Notes"}
     | {"FailuresBeforeCritical", "FailuresBeforeWarning", "TLSServerName", "TLSSkipVerify"}
 )
-# Nomad fields whose effect waypost cannot give: rejected rather than silently dropped.
-_UNSUPPORTED = frozenset({"Connect", "Address", "DNS", "Expose", "Command", "Args", "Header"})
-_UNSUPPORTED |= frozenset({"Method", "Body", "GRPCService", "GRPCUseTLS", "AddressModeCheck"})
+DEFAULT_RESTART = RestartPolicy()  # Nomad's for service jobs
+TASK_CHECK_PREFIX = "_nomad-task:"  # the id of an instance's task check: prefix + instance id
 
 
 # -- the spec ------------------------------------------------------------------------
@@ -134,6 +152,7 @@ class ServiceSpec:
     meta: tuple[tuple[str, str], ...] = ()
     address_mode: str = "auto"
     checks: tuple[CheckSpec, ...] = ()
+    task: str = ""  # the task it belongs to; "" for a group's service
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +160,20 @@ class GroupSpec:
     name: str
     count: int = 1
     network: NetworkSpec = HOST_NETWORK
-    services: tuple[ServiceSpec, ...] = ()
+    services: tuple[ServiceSpec, ...] = ()  # the group's and its tasks' (`task` set)
+    tasks: tuple[TaskSpec, ...] = ()
+    restart: RestartPolicy = DEFAULT_RESTART
+    meta: tuple[tuple[str, str], ...] = ()
+
+    def task(self, name: str) -> TaskSpec:
+        for task in self.tasks:
+            if task.name == name:
+                return task
+        raise KeyError(name)
+
+    def restart_of(self, task: TaskSpec) -> RestartPolicy:
+        """The task's own restart policy, else the group's."""
+        return task.restart or self.restart
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +181,7 @@ class JobSpec:
     id: str
     name: str
     groups: tuple[GroupSpec, ...]
+    meta: tuple[tuple[str, str], ...] = ()
 
     def group(self, name: str) -> GroupSpec:
         for group in self.groups:
@@ -172,49 +205,6 @@ class PlannedAlloc:
 # -- parsing -------------------------------------------------------------------------
 
 
-class _Obj:
-    """A JSON object at `path`, its keys checked against what is known and ignored."""
-
-    def __init__(
-        self, raw: object, path: str, known: Iterable[str], ignored: frozenset[str] = frozenset()
-    ) -> None:
-        if not isinstance(raw, Mapping):
-            raise ValidationError(path, "must be an object")
-        wanted = set(known)
-        for key in raw:
-            if not isinstance(key, str) or (key not in wanted and key not in ignored):
-                if key in _UNSUPPORTED:
-                    raise ValidationError(f"{path}.{key}", "is not supported by waypost")
-                raise ValidationError(f"{path}.{key}", "unknown field")
-        self.raw: Mapping[str, Any] = raw
-        self.path = path
-
-    def at(self, key: str) -> str:
-        return f"{self.path}.{key}"
-
-    def get(self, key: str) -> Any:
-        return self.raw.get(key)
-
-    def text(self, key: str, default: str = "") -> str:
-        value = self.raw.get(key)
-        if value is None:
-            return default
-        if not isinstance(value, str):
-            raise ValidationError(self.at(key), "must be a string")
-        return value
-
-    def items(self, key: str, limit: int) -> list[tuple[str, Any]]:
-        """The elements of list `key` with their paths ([] when absent or null)."""
-        value = self.raw.get(key)
-        if value is None:
-            return []
-        if not isinstance(value, list):
-            raise ValidationError(self.at(key), "must be a list")
-        if len(value) > limit:
-            raise ValidationError(self.at(key), f"has more than {limit} entries")
-        return [(f"{self.at(key)}[{i}]", item) for i, item in enumerate(value)]
-
-
 def _name(value: str, path: str) -> str:
     if not value:
         raise ValidationError(path, "is required")
@@ -227,30 +217,21 @@ def _name(value: str, path: str) -> str:
     return value
 
 
-def _seconds(value: object, path: str) -> float:
-    """A Nomad API duration: integer nanoseconds, or a Go duration string."""
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise ValidationError(path, 'must be nanoseconds (an integer) or a duration like "10s"')
-    if isinstance(value, int):
-        if value < 0:
-            raise ValidationError(path, f"{value} must not be negative")
-        return value / 10**9
-    return duration_ns(value, path) / 10**9
-
-
 def parse_job(body: object) -> JobSpec:
     """The job of a `POST /v1/jobs` body (`{"Job": {...}}`, or the job object itself).
 
     Error handling: ValidationError naming the JSON path of the first bad field.
     """
     if isinstance(body, Mapping) and "Job" in body:
-        request = _Obj(body, "request", {"Job"}, _IGNORED_REQUEST)
+        request = JsonObject(body, "request", {"Job"}, _IGNORED_REQUEST)
         return _parse_job(request.get("Job"))
     return _parse_job(body)
 
 
 def _parse_job(raw: object) -> JobSpec:
-    obj = _Obj(raw, "Job", {"ID", "Name", "Type", "TaskGroups", "Namespace"}, _IGNORED_JOB)
+    obj = JsonObject(
+        raw, "Job", {"ID", "Name", "Type", "TaskGroups", "Namespace", "Meta"}, _IGNORED_JOB
+    )
     ident = _name(obj.text("ID"), obj.at("ID"))
     name = obj.text("Name") or ident
     if len(name) > MAX_NAME or any(ord(c) < 32 for c in name):
@@ -275,7 +256,7 @@ def _parse_job(raw: object) -> JobSpec:
             obj.at("TaskGroups"), f"{total} allocations: at most {MAX_ALLOCS} per job"
         )
     _check_static_ports(groups)
-    return JobSpec(ident, name, groups)
+    return JobSpec(ident, name, groups, obj.string_map("Meta", MAX_META))
 
 
 def _check_static_ports(groups: Iterable[GroupSpec]) -> None:
@@ -303,17 +284,41 @@ def _check_static_ports(groups: Iterable[GroupSpec]) -> None:
 
 
 def _parse_group(raw: object, path: str) -> GroupSpec:
-    obj = _Obj(raw, path, {"Name", "Count", "Networks", "Services"}, _IGNORED_GROUP)
+    known = {"Name", "Count", "Networks", "Services", "Tasks", "Meta", "RestartPolicy"}
+    obj = JsonObject(raw, path, known, _IGNORED_GROUP)
     name = _name(obj.text("Name"), obj.at("Name"))
     count_raw = obj.get("Count")
     count = 1 if count_raw is None else check_int(count_raw, obj.at("Count"), 0, MAX_COUNT)
     networks = obj.items("Networks", 1)
     network = _parse_network(networks[0][1], networks[0][0]) if networks else HOST_NETWORK
-    services = tuple(_parse_service(item, p) for p, item in obj.items("Services", MAX_SERVICES))
+    services = [(p, _parse_service(item, p)) for p, item in obj.items("Services", MAX_SERVICES)]
+    tasks: list[TaskSpec] = []
+    for where, item in obj.items("Tasks", MAX_TASKS):
+        task = parse_task(item, where, known=frozenset({"Services"}))
+        if any(t.name == task.name for t in tasks):
+            raise ValidationError(f"{where}.Name", f"duplicate task {task.name!r}")
+        tasks.append(task)
+        task_obj = JsonObject(item, where, {"Services"}, frozenset(item))
+        for p, svc in task_obj.items("Services", MAX_SERVICES):
+            services.append((p, replace(_parse_service(svc, p), task=task.name)))
+    if not tasks:
+        raise ValidationError(obj.at("Tasks"), f"group {name!r} needs at least one task")
+    _check_services(services, network)
+    return GroupSpec(
+        name,
+        count,
+        network,
+        tuple(svc for _, svc in services),
+        tuple(tasks),
+        parse_restart(obj.get("RestartPolicy"), obj.at("RestartPolicy")),
+        obj.string_map("Meta", MAX_META),
+    )
+
+
+def _check_services(services: list[tuple[str, ServiceSpec]], network: NetworkSpec) -> None:
     labels = {p.label for p in network.ports}
-    seen: set[tuple[str, str]] = set()
-    for i, svc in enumerate(services):
-        where = f"{obj.at('Services')}[{i}]"
+    seen: set[tuple[str, str, str]] = set()
+    for where, svc in services:
         if svc.port_label and not svc.port_label.isdigit() and svc.port_label not in labels:
             raise ValidationError(f"{where}.PortLabel", f"no port labelled {svc.port_label!r}")
         if svc.address_mode == "alloc" and network.mode != "bridge":
@@ -324,14 +329,13 @@ def _parse_group(raw: object, path: str) -> GroupSpec:
                 raise ValidationError(
                     f"{where}.Checks[{n}].PortLabel", f"no port labelled {label!r}"
                 )
-        if (svc.name, svc.port_label) in seen:
+        if (svc.task, svc.name, svc.port_label) in seen:
             raise ValidationError(where, f"service {svc.name!r} on {svc.port_label!r} twice")
-        seen.add((svc.name, svc.port_label))
-    return GroupSpec(name, count, network, services)
+        seen.add((svc.task, svc.name, svc.port_label))
 
 
 def _parse_network(raw: object, path: str) -> NetworkSpec:
-    obj = _Obj(raw, path, {"Mode", "ReservedPorts", "DynamicPorts"}, _IGNORED_NETWORK)
+    obj = JsonObject(raw, path, {"Mode", "ReservedPorts", "DynamicPorts"}, _IGNORED_NETWORK)
     mode = obj.text("Mode") or "host"
     if mode not in ("host", "bridge"):
         raise ValidationError(obj.at("Mode"), f"{mode!r}: must be host or bridge")
@@ -348,7 +352,7 @@ def _parse_network(raw: object, path: str) -> NetworkSpec:
 
 
 def _parse_port(raw: object, path: str, *, static: bool) -> PortSpec:
-    obj = _Obj(raw, path, {"Label", "Value", "To", "HostNetwork"}, _IGNORED_PORT)
+    obj = JsonObject(raw, path, {"Label", "Value", "To", "HostNetwork"}, _IGNORED_PORT)
     label = obj.text("Label")
     if not label or not re.match(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$", label):
         raise ValidationError(obj.at("Label"), f"{label!r} is not a port label")
@@ -364,7 +368,7 @@ def _parse_port(raw: object, path: str, *, static: bool) -> PortSpec:
     return PortSpec(label, number, to, host_network)
 
 
-def _port_label(obj: _Obj, key: str) -> str:
+def _port_label(obj: JsonObject, key: str) -> str:
     value = obj.get(key)
     if value is None:
         return ""
@@ -379,7 +383,7 @@ def _port_label(obj: _Obj, key: str) -> str:
 
 def _parse_service(raw: object, path: str) -> ServiceSpec:
     known = {"Name", "PortLabel", "Tags", "Meta", "AddressMode", "Checks"}
-    obj = _Obj(raw, path, known, _IGNORED_SERVICE)
+    obj = JsonObject(raw, path, known, _IGNORED_SERVICE)
     name = check_label(obj.get("Name"), obj.at("Name"))
     mode = obj.text("AddressMode") or "auto"
     if mode not in ADDRESS_MODES:
@@ -408,7 +412,7 @@ def _parse_service(raw: object, path: str) -> ServiceSpec:
 
 def _parse_check(raw: object, path: str) -> CheckSpec:
     known = {"Name", "Type", "Path", "Protocol", "PortLabel", "Interval", "Timeout", "TTL"}
-    obj = _Obj(raw, path, known | {"InitialStatus", "AddressMode"}, _IGNORED_CHECK)
+    obj = JsonObject(raw, path, known | {"InitialStatus", "AddressMode"}, _IGNORED_CHECK)
     kind_text = obj.text("Type")
     try:
         kind = CheckKind(kind_text)
@@ -420,9 +424,9 @@ def _parse_check(raw: object, path: str) -> CheckSpec:
     if obj.text("AddressMode") not in ("", "host"):
         raise ValidationError(obj.at("AddressMode"), "only host checks are supported")
     timed = kind is not CheckKind.TTL
-    interval = _seconds(obj.get("Interval") or 0, obj.at("Interval"))
-    timeout = _seconds(obj.get("Timeout") or 0, obj.at("Timeout"))
-    ttl = _seconds(obj.get("TTL") or 0, obj.at("TTL"))
+    interval = seconds(obj.get("Interval") or 0, obj.at("Interval"))
+    timeout = seconds(obj.get("Timeout") or 0, obj.at("Timeout"))
+    ttl = seconds(obj.get("TTL") or 0, obj.at("TTL"))
     if timed and interval <= 0:
         raise ValidationError(obj.at("Interval"), f"is required for {kind} checks")
     if not timed and ttl <= 0:
@@ -451,10 +455,6 @@ def _parse_check(raw: object, path: str) -> CheckSpec:
 # -- rendering -----------------------------------------------------------------------
 
 
-def _ns(seconds: float) -> int:
-    return round(seconds * 10**9)
-
-
 def render_job(spec: JobSpec) -> dict[str, Any]:
     """`spec` in Nomad's API shape (the inverse of :func:`parse_job`)."""
     return {
@@ -462,6 +462,7 @@ def render_job(spec: JobSpec) -> dict[str, Any]:
         "Name": spec.name,
         "Type": "service",
         "Namespace": NAMESPACE,
+        "Meta": dict(spec.meta),
         "TaskGroups": [_render_group(g) for g in spec.groups],
     }
 
@@ -480,7 +481,16 @@ def _render_group(group: GroupSpec) -> dict[str, Any]:
                 "DynamicPorts": [_render_port(p) for p in dynamic],
             }
         ],
-        "Services": [_render_service(s) for s in group.services],
+        "Services": [_render_service(s) for s in group.services if not s.task],
+        "Tasks": [
+            {
+                **render_task(t),
+                "Services": [_render_service(s) for s in group.services if s.task == t.name],
+            }
+            for t in group.tasks
+        ],
+        "RestartPolicy": render_restart(group.restart),
+        "Meta": dict(group.meta),
     }
 
 
@@ -507,9 +517,9 @@ def _render_service(svc: ServiceSpec) -> dict[str, Any]:
                 "Path": c.path,
                 "Protocol": c.protocol,
                 "PortLabel": c.port_label,
-                "Interval": _ns(c.interval),
-                "Timeout": _ns(c.timeout),
-                "TTL": _ns(c.ttl),
+                "Interval": ns(c.interval),
+                "Timeout": ns(c.timeout),
+                "TTL": ns(c.ttl),
                 "InitialStatus": c.initial_status,
             }
             for c in svc.checks
@@ -536,9 +546,31 @@ def plan_allocs(
     )
 
 
-def service_id(alloc_id: str, group: str, service: str, port_label: str) -> str:
-    """Nomad's id of a group service (structs.MakeAllocServiceID, task "group-<group>")."""
-    return f"{TASK_PREFIX}{alloc_id}-group-{group}-{service}-{port_label}"
+def service_id(alloc_id: str, group: str, service: str, port_label: str, task: str = "") -> str:
+    """Nomad's id of a service (structs.MakeAllocServiceID; a group's: task "group-<group>")."""
+    owner = task or f"group-{group}"
+    return f"{TASK_PREFIX}{alloc_id}-{owner}-{service}-{port_label}"
+
+
+def task_check_id(instance_id: str) -> str:
+    return TASK_CHECK_PREFIX + instance_id
+
+
+def service_tasks(group: GroupSpec, svc: ServiceSpec) -> tuple[str, ...]:
+    """The tasks whose running an instance of `svc` depends on."""
+    return (svc.task,) if svc.task else tuple(t.name for t in group.tasks)
+
+
+def task_check(instance_id: str, tasks: tuple[str, ...]) -> Check:
+    """The instance's task check, critical until its tasks run (see the module docstring)."""
+    names = ", ".join(f'"{t}"' for t in tasks)
+    return make_check(
+        id=task_check_id(instance_id),
+        name=f"Nomad task{'s' if len(tasks) > 1 else ''} {names}",
+        kind=CheckKind.TASK,
+        status=Health.CRITICAL,
+        notes="passing while the allocation's task runs (set by waypost)",
+    )
 
 
 def _endpoint(network: AllocNetwork, label: str, mode: str) -> tuple[str, int]:
@@ -593,8 +625,9 @@ def plan_instances(
     out = []
     ports = {p.label: p.host_port for p in network.ports}
     for svc in group.services:
-        ident = service_id(alloc.id, alloc.group, svc.name, svc.port_label)
+        ident = service_id(alloc.id, alloc.group, svc.name, svc.port_label, svc.task)
         address, port = _endpoint(network, svc.port_label, svc.address_mode)
+        checks = (*_checks(svc, ident, network), task_check(ident, service_tasks(group, svc)))
         out.append(
             make_instance(
                 service=svc.name,
@@ -608,7 +641,7 @@ def plan_instances(
                 alloc_id=alloc.id,
                 job_id=alloc.job_id,
                 source=SOURCE,
-                checks=_checks(svc, ident, network),
+                checks=checks,
             )
         )
     return tuple(out)
@@ -622,17 +655,3 @@ def alloc_addresses(network: AllocNetwork) -> tuple[str, ...]:
     """What `<alloc-id-prefix>.alloc.<domain>` answers: the namespace's IPs, else the host's."""
     inside = tuple(a for a in (network.alloc_ip, network.alloc_ip6) if a)
     return inside or (network.host_ip,)
-
-
-def alloc_env(alloc: PlannedAlloc, job: JobSpec, base: Mapping[str, str]) -> dict[str, str]:
-    """Nomad's allocation variables around the port ones in `base` (netsetup's render_env)."""
-    return {
-        "NOMAD_ALLOC_ID": alloc.id,
-        "NOMAD_ALLOC_NAME": alloc.name,
-        "NOMAD_ALLOC_INDEX": str(alloc.index),
-        "NOMAD_GROUP_NAME": alloc.group,
-        "NOMAD_JOB_ID": job.id,
-        "NOMAD_JOB_NAME": job.name,
-        "NOMAD_NAMESPACE": NAMESPACE,
-        **base,
-    }

@@ -57,6 +57,11 @@ class CheckKind(StrEnum):
     TTL = "ttl"
     HTTP = "http"
     TCP = "tcp"
+    TASK = "task"  # set by the agent from its task's state (discovery.jobs), never probed
+
+
+# Checks the check runner runs; the others are set by whoever owns them.
+PROBED_KINDS = frozenset({CheckKind.TTL, CheckKind.HTTP, CheckKind.TCP})
 
 
 # Consul's ordering of statuses when several checks apply: the worst one wins.
@@ -283,7 +288,9 @@ def make_check(
     """
     ident = _check_str(id, "id", MAX_ID)
     label = _check_str(name, "name", MAX_ID)
-    if kind is CheckKind.TTL:
+    if kind is CheckKind.TASK:
+        checked_target = ""
+    elif kind is CheckKind.TTL:
         if ttl <= 0:
             raise ValidationError("ttl", "must be longer than 0s")
         if interval or timeout:

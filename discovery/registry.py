@@ -6,8 +6,17 @@ index.  Readers (DNS, HTTP) take ``registry.snapshot`` and never lock: a
 snapshot and everything reachable from it never changes.
 
 Subscribers are called synchronously after each publish with the new
-snapshot and the set of service keys whose instances changed, so caches and
-blocking queries can wake only what is affected.
+snapshot and the set of keys that changed: the lower-case names of the
+services whose instances changed, and the watch keys of the jobs and
+allocations that changed (discovery.workload: they start with NUL), so caches
+and blocking queries can wake only what is affected.  `service_index` holds
+the index of the last change of each of those keys.
+
+Jobs and allocations (:mod:`discovery.workload`) are written by their one
+owner (discovery.allocations) through :meth:`Registry.apply` and published in
+the same snapshots, so one index orders every change, as Nomad's Raft index
+does.  `allocs` (the addresses `<alloc-id>.alloc.<domain>` answers) follows
+the allocations: an allocation with a network that is not terminal has one.
 """
 
 from __future__ import annotations
@@ -21,7 +30,9 @@ from typing import TypeVar
 import immutables
 
 from discovery.errors import NotFoundError
+from discovery.jobs import alloc_addresses
 from discovery.model import Health, Instance, Node, worst_health
+from discovery.workload import ALLOCS_KEY, JOBS_KEY, Allocation, Job, alloc_key, job_key
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +60,8 @@ class Snapshot:
     # Ids of the instances added, changed or removed by the change that made this snapshot,
     # so subscribers can follow a change in O(its size) rather than O(the services it touched).
     changed_ids: frozenset[str] = frozenset()
+    jobs: Mapping[str, Job] = field(default_factory=immutables.Map)  # by job id
+    allocations: Mapping[str, Allocation] = field(default_factory=immutables.Map)  # by alloc id
 
     def service(self, name: str) -> tuple[Instance, ...]:
         """Instances of service `name` (case-insensitive), any health."""
@@ -146,10 +159,16 @@ class Registry:
             raise NotFoundError(f"unknown check {check_id!r}")
         return self.update_checks({check_id: (status, output)})
 
-    def update_checks(self, results: Mapping[str, tuple[Health, str | None]]) -> Snapshot:
+    def update_checks(
+        self,
+        results: Mapping[str, tuple[Health, str | None]],
+        *,
+        allocations: Iterable[Allocation] = (),
+    ) -> Snapshot:
         """Set several checks' (status, output or None to keep it) in one change.
 
         Unknown check ids are skipped (their instance went away meanwhile).
+        `allocations` go in the same change (a task's state with its task checks).
         """
         by_instance: dict[str, dict[str, tuple[Health, str | None]]] = {}
         for check_id, result in results.items():
@@ -167,7 +186,7 @@ class Registry:
             )
             if checks != inst.checks:
                 upserts.append(replace(inst, checks=checks, health=worst_health(checks)))
-        return self.apply(upserts=upserts)
+        return self.apply(upserts=upserts, allocations=allocations)
 
     def put_alloc(self, alloc: Alloc) -> Snapshot:
         return self.apply(allocs=[alloc])
@@ -183,11 +202,15 @@ class Registry:
         nodes: Iterable[Node] = (),
         allocs: Iterable[Alloc] = (),
         drop_allocs: Iterable[str] = (),
+        jobs: Iterable[Job] = (),
+        drop_jobs: Iterable[str] = (),
+        allocations: Iterable[Allocation] = (),
+        drop_allocations: Iterable[str] = (),
     ) -> Snapshot:
         """Apply a batch of changes atomically and publish one snapshot if anything changed.
 
-        Unknown ids in `removals` are ignored (removing is idempotent here;
-        :meth:`remove` is the strict variant).
+        Unknown ids in `removals`, `drop_jobs` and `drop_allocations` are ignored
+        (removing is idempotent here; :meth:`remove` is the strict variant).
         """
         old = self._snapshot
         # Persistent maps (HAMT): a change copies O(log n) nodes, not the registry.
@@ -243,7 +266,20 @@ class Registry:
                 allocs_changed = True
         for alloc_id in drop_allocs:
             allocs_changed |= alloc_map.pop(alloc_id, None) is not None
-        if not members and not nodes_changed and not allocs_changed:
+        work_keys: set[str] = set()
+        jobs, drop_jobs = list(jobs), list(drop_jobs)
+        allocations, drop_allocations = list(allocations), list(drop_allocations)
+        job_map = old.jobs
+        if jobs or drop_jobs:
+            job_map = _apply_jobs(old.jobs, jobs, drop_jobs, index, work_keys)
+        allocation_map = old.allocations
+        if allocations or drop_allocations:
+            allocation_map = _apply_allocations(
+                old.allocations, allocations, drop_allocations, index, work_keys
+            )
+        for alloc_id in work_keys_allocs(work_keys):
+            allocs_changed |= _follow_allocation(alloc_map, allocation_map.get(alloc_id), alloc_id)
+        if not members and not nodes_changed and not allocs_changed and not work_keys:
             return old
         services = _as_map(old.services).mutate()
         service_index = _as_map(old.service_index).mutate()
@@ -253,6 +289,11 @@ class Registry:
                 services[key] = tuple(group[i] for i in sorted(group))
             elif key in services:
                 del services[key]
+        for key in work_keys:
+            if key.startswith(_ALLOC_PREFIX) and key[len(_ALLOC_PREFIX) :] not in allocation_map:
+                service_index.pop(key, None)  # a dropped allocation: its key goes with it
+            else:
+                service_index[key] = index
         snap = Snapshot(
             index=index,
             instances=instances.finish(),
@@ -262,12 +303,90 @@ class Registry:
             service_index=service_index.finish(),
             local_node=old.local_node,
             changed_ids=frozenset(changed_ids),
+            jobs=job_map,
+            allocations=allocation_map,
         )
         self._snapshot = snap
-        changed = frozenset(members)
+        changed = frozenset(members) | work_keys if work_keys else frozenset(members)
         for callback in list(self._subscribers):
             try:
                 callback(snap, changed)
             except Exception:  # a subscriber must not break the writer
                 log.exception("registry subscriber %r failed", callback)
         return snap
+
+
+_ALLOC_PREFIX = alloc_key("")
+_JOB_PREFIX = job_key("")
+
+
+def work_keys_allocs(keys: Iterable[str]) -> list[str]:
+    """The allocation ids among changed watch keys."""
+    n = len(_ALLOC_PREFIX)
+    return [k[n:] for k in keys if k.startswith(_ALLOC_PREFIX)]
+
+
+def work_keys_jobs(keys: Iterable[str]) -> list[str]:
+    """The job ids among changed watch keys."""
+    n = len(_JOB_PREFIX)
+    return [k[n:] for k in keys if k.startswith(_JOB_PREFIX)]
+
+
+def _apply_jobs(
+    old: Mapping[str, Job], jobs: Iterable[Job], drop: Iterable[str], index: int, keys: set[str]
+) -> Mapping[str, Job]:
+    """`old` with `jobs` upserted (indexes set) and `drop` removed; changed keys into `keys`."""
+    out = _as_map(old).mutate()
+    for job in jobs:
+        prev = out.get(job.id)
+        if prev == job:
+            continue
+        if prev is None:  # new, or restored (its stored indexes kept)
+            created, job_index = job.create_index or index, job.job_modify_index or index
+        elif prev.version != job.version:  # a register that changed the job
+            created, job_index = prev.create_index, index
+        else:
+            created, job_index = prev.create_index, prev.job_modify_index
+        out[job.id] = replace(
+            job, create_index=created, modify_index=index, job_modify_index=job_index
+        )
+        keys.update((JOBS_KEY, job_key(job.id)))
+    for ident in drop:
+        if ident in out:
+            del out[ident]
+            keys.update((JOBS_KEY, job_key(ident)))
+    return out.finish()
+
+
+def _apply_allocations(
+    old: Mapping[str, Allocation],
+    allocations: Iterable[Allocation],
+    drop: Iterable[str],
+    index: int,
+    keys: set[str],
+) -> Mapping[str, Allocation]:
+    out = _as_map(old).mutate()
+    for alloc in allocations:
+        prev = out.get(alloc.id)
+        if prev == alloc:
+            continue
+        created = prev.create_index if prev is not None else (alloc.create_index or index)
+        out[alloc.id] = replace(alloc, create_index=created, modify_index=index)
+        keys.update((ALLOCS_KEY, alloc_key(alloc.id), job_key(alloc.job_id)))
+    for ident in drop:
+        prev = out.get(ident)
+        if prev is not None:
+            del out[ident]
+            keys.update((ALLOCS_KEY, alloc_key(ident), job_key(prev.job_id)))
+    return out.finish()
+
+
+def _follow_allocation(allocs: dict[str, Alloc], alloc: Allocation | None, ident: str) -> bool:
+    """Keep `allocs[ident]` (what DNS answers) in step with the allocation; True if changed."""
+    if alloc is None or alloc.network is None or alloc.terminal:
+        return allocs.pop(ident, None) is not None
+    wanted = Alloc(alloc.id, alloc_addresses(alloc.network), alloc.name)
+    if allocs.get(ident) == wanted:
+        return False
+    allocs[ident] = wanted
+    return True

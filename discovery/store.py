@@ -12,11 +12,13 @@ in WAL mode with ``synchronous=FULL``::
     await store.close()
 
 What persists: instances whose source is in :data:`PERSISTED_SOURCES` ("api",
-"job"), with their checks, statuses and outputs; allocations; the registry
-index (in every transaction, so it never goes backwards across restarts); and
-job documents (``jobs`` table, written by :meth:`Store.put_job` outside the
-registry's batches and read by :meth:`Store.load_jobs`; added to existing
-databases on open, so the schema version stays 1).
+"job"), with their checks, statuses and outputs; allocation addresses (`allocs`);
+the registry index (in every transaction, so it never goes backwards across
+restarts); and the jobs and allocations of the snapshot (``jobs`` and
+``allocations`` tables, as discovery.workload renders them; read back as text by
+:meth:`Store.load_workload`, parsed by their owner; added to existing databases on
+open, so the schema version stays 1).  A run or stop writes its records first,
+in a transaction of its own (:meth:`Store.write_ahead`), and publishes them after.
 "config" instances are re-read from the config files, "consul" ones re-pulled.
 
 Writing: the connection is created, used and closed by one thread only (a
@@ -48,14 +50,15 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeVar
 
 from discovery.errors import StateError
 from discovery.model import Check, CheckKind, Health, Instance, Weights
-from discovery.registry import Alloc, Registry, Snapshot
+from discovery.registry import Alloc, Registry, Snapshot, work_keys_allocs, work_keys_jobs
+from discovery.workload import Allocation, Job, render_alloc_record, render_job_record
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +96,9 @@ _DELETE = "DELETE FROM {table} WHERE id = ?"
 # Added after schema version 1 shipped: created on open when missing (older waypost
 # versions ignore the table, so the version does not change).
 _JOBS_TABLE = "CREATE TABLE IF NOT EXISTS jobs (id BLOB PRIMARY KEY, data TEXT NOT NULL)"
+_ALLOCATIONS_TABLE = (
+    "CREATE TABLE IF NOT EXISTS allocations (id BLOB PRIMARY KEY, data TEXT NOT NULL)"
+)
 
 _T = TypeVar("_T")
 
@@ -361,6 +367,7 @@ def _open_db(path: Path, busy_timeout: float) -> tuple[sqlite3.Connection, int]:
             for statement in _SCHEMA:
                 conn.execute(statement)
         conn.execute(_JOBS_TABLE)
+        conn.execute(_ALLOCATIONS_TABLE)
         conn.execute("COMMIT")
         index = conn.execute("SELECT value FROM meta WHERE key = 'index'").fetchone()
     except (sqlite3.Error, StateError) as exc:
@@ -406,10 +413,12 @@ class _Batch:
     index: int
     instances: Mapping[str, Instance | None]
     allocs: Mapping[str, Alloc | None]
+    jobs: Mapping[str, Job | None] = field(default_factory=dict)
+    allocations: Mapping[str, Allocation | None] = field(default_factory=dict)
 
     @property
     def size(self) -> int:
-        return len(self.instances) + len(self.allocs)
+        return len(self.instances) + len(self.allocs) + len(self.jobs) + len(self.allocations)
 
 
 def _write_rows(
@@ -449,7 +458,10 @@ def _write_batch(conn: sqlite3.Connection, path: Path, batch: _Batch) -> float:
         with _transaction(conn):
             _write_rows(conn, "instances", batch.instances, render_instance)
             _write_rows(conn, "allocs", batch.allocs, render_alloc)
-            conn.execute(_SET_INDEX, (batch.index,))
+            _write_rows(conn, "jobs", batch.jobs, render_job_record)
+            _write_rows(conn, "allocations", batch.allocations, render_alloc_record)
+            if batch.index:
+                conn.execute(_SET_INDEX, (batch.index,))
     except Exception as exc:  # sqlite3.Error; anything else is a bug, logged with its trace
         if not isinstance(exc, sqlite3.Error):
             log.exception("%s: writing index %d failed", path, batch.index)
@@ -459,29 +471,24 @@ def _write_batch(conn: sqlite3.Connection, path: Path, batch: _Batch) -> float:
     return time.perf_counter() - start
 
 
-def _load_jobs(conn: sqlite3.Connection, path: Path) -> dict[str, str]:
+def _load_texts(conn: sqlite3.Connection, path: Path, table: str) -> dict[str, str]:
     try:
-        rows = conn.execute("SELECT id, data FROM jobs ORDER BY id").fetchall()
+        rows = conn.execute(f"SELECT id, data FROM {table} ORDER BY id").fetchall()
     except sqlite3.Error as exc:
         raise StateError(f"{path} cannot be read: {exc}; {_FRESH_START}") from exc
-    jobs: dict[str, str] = {}
+    out: dict[str, str] = {}
     for key, data in rows:
         name = key.decode("utf-8", "surrogatepass") if isinstance(key, bytes) else str(key)
-        jobs[name] = _parse_row(path, "job", (key, data), _text)
-    return jobs
+        out[name] = _parse_row(path, table[:-1], (key, data), _text)
+    return out
+
+
+def _load_workload(conn: sqlite3.Connection, path: Path) -> tuple[dict[str, str], dict[str, str]]:
+    return _load_texts(conn, path, "jobs"), _load_texts(conn, path, "allocations")
 
 
 def _text(value: str) -> str:
     return value
-
-
-def _write_job(conn: sqlite3.Connection, path: Path, ident: str, data: str | None) -> None:
-    """Upsert (or delete, `data` None) one job document in its own transaction."""
-    try:
-        with _transaction(conn):
-            _write_rows(conn, "jobs", {ident: data}, _text)
-    except sqlite3.Error as exc:
-        raise StateError(f"{path}: cannot write job {ident!r}: {exc}") from exc
 
 
 # -- the store (event loop side) ----------------------------------------------------------
@@ -547,6 +554,8 @@ class Store:
         self._unsubscribe: Callable[[], None] | None = None
         self._instances: dict[str, Instance | None] = {}
         self._allocs: dict[str, Alloc | None] = {}
+        self._jobs: dict[str, Job | None] = {}
+        self._allocations: dict[str, Allocation | None] = {}
         self._dirty = False
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []  # heap by index
         self._order = itertools.count()
@@ -578,24 +587,41 @@ class Store:
             raise StateError(f"{self.path}: the store is closed")
         return self._executor.submit(_load_db, self._conn, self.path).result()
 
-    def load_jobs(self) -> dict[str, str]:
-        """The persisted job documents by job id.  Sync: call before serving.
+    def load_workload(self) -> tuple[dict[str, str], dict[str, str]]:
+        """The stored job and allocation records (text, by id).  Sync: call before serving.
 
         Error handling: StateError naming the file when it cannot be read.
         """
         if self._closing.is_set():
             raise StateError(f"{self.path}: the store is closed")
-        return self._executor.submit(_load_jobs, self._conn, self.path).result()
+        return self._executor.submit(_load_workload, self._conn, self.path).result()
 
-    async def put_job(self, ident: str, data: str | None) -> None:
-        """Write job `ident`'s document (None deletes it); returns once it is on disk.
+    async def write_ahead(
+        self, jobs: Mapping[str, Job | None], allocations: Mapping[str, Allocation | None]
+    ) -> None:
+        """Write these records (None deletes) in one transaction now, before they are published.
 
-        Error handling: StateError when the write fails or the store is closed.
+        Rows of the same ids queued for the next group commit are older than these:
+        they are dropped (and put back if this write fails), so a queued row can
+        never land after this one.  Error handling: StateError when the write fails
+        or the store is closed; nothing of it is on disk then.
         """
         if self._closing.is_set():
             raise StateError(f"{self.path}: the store is closed")
+        superseded_jobs = {k: self._jobs.pop(k) for k in list(jobs) if k in self._jobs}
+        superseded = {
+            k: self._allocations.pop(k) for k in list(allocations) if k in self._allocations
+        }
+        batch = _Batch(0, {}, {}, dict(jobs), dict(allocations))
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, _write_job, self._conn, self.path, ident, data)
+        try:
+            await loop.run_in_executor(self._executor, _write_batch, self._conn, self.path, batch)
+        except BaseException:
+            for ident, job in superseded_jobs.items():
+                self._jobs.setdefault(ident, job)
+            for ident, alloc in superseded.items():
+                self._allocations.setdefault(ident, alloc)
+            raise
 
     def attach(self, registry: Registry) -> None:
         """Persist every later change of `registry` (call from the event loop).
@@ -663,7 +689,20 @@ class Store:
                     self._allocs[ident] = alloc
             for ident in last.allocs.keys() - snap.allocs.keys():
                 self._allocs[ident] = None
+        if snap.jobs is not last.jobs or snap.allocations is not last.allocations:
+            self._queue_workload(snap, last, changed)
         self._note(snap.index)
+
+    def _queue_workload(self, snap: Snapshot, last: Snapshot, changed: frozenset[str]) -> None:
+        """Queue the job and allocation records that changed (their keys are in `changed`)."""
+        for ident in work_keys_jobs(changed):
+            job = snap.jobs.get(ident)
+            if job is not last.jobs.get(ident):
+                self._jobs[ident] = job
+        for ident in work_keys_allocs(changed):
+            alloc = snap.allocations.get(ident)
+            if alloc is not last.allocations.get(ident):
+                self._allocations[ident] = alloc
 
     def _note(self, index: int) -> None:
         self._seen = max(self._seen, index)
@@ -691,8 +730,9 @@ class Store:
         loop = asyncio.get_running_loop()
         delay = RETRY_FIRST
         while self._dirty:
-            batch = _Batch(self._seen, self._instances, self._allocs)
+            batch = _Batch(self._seen, self._instances, self._allocs, self._jobs, self._allocations)
             self._instances, self._allocs, self._dirty = {}, {}, False
+            self._jobs, self._allocations = {}, {}
             try:
                 seconds = await loop.run_in_executor(
                     self._executor, _write_batch, self._conn, self.path, batch
@@ -722,6 +762,8 @@ class Store:
         self._counters.failures += 1
         self._instances = {**batch.instances, **self._instances}
         self._allocs = {**batch.allocs, **self._allocs}
+        self._jobs = {**batch.jobs, **self._jobs}
+        self._allocations = {**batch.allocations, **self._allocations}
         self._dirty = True
         self._settle(batch.index, err)
 

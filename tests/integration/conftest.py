@@ -12,6 +12,10 @@ netsetup then refuses bridge mode before it touches anything, and the agent neve
 reconciles allocations (tests/conftest.py checks the namespace on top of that).
 Host mode, which only reserves ports, runs for real.  Kernel work is for
 tests/netns, inside namespaces of their own.
+
+`no_task_left` (autouse): a test that ran jobs in an agent on `tmp_path` ends
+with no task process of those allocations running (found by their
+NOMAD_ALLOC_ID in /proc; killed and the test failed if any is left).
 """
 
 from __future__ import annotations
@@ -19,9 +23,11 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import dns.asyncquery
 import dns.message
@@ -32,8 +38,10 @@ from discovery.dns.server import DnsServer, start_dns
 from discovery.dns.settings import DnsSettings
 from discovery.model import Instance, Node
 from discovery.registry import Registry
+from discovery.tasks.process import find_marked
 
 LOCAL_NODE = Node("agent", "127.0.0.1")
+ALLOC_DIR = "alloc"  # <data dir>/alloc/<alloc id>: where an agent on tmp_path keeps them
 NOT_ROOT = 65534  # nobody
 CLIENT_TIMEOUT = 2.0  # seconds; every reply on loopback comes in milliseconds
 DIG_DEADLINE = 10.0  # seconds for a whole dig run (it retries over TCP on TC)
@@ -178,3 +186,24 @@ async def start_waypost() -> AsyncIterator[StartWaypost]:
 async def waypost(start_waypost: StartWaypost) -> RunningDns:
     """A server with no instances, default settings (domain nomad., dc dc1)."""
     return await start_waypost()
+
+
+def task_processes(data_dir: Path, *, leaders: bool = False) -> dict[str, list[int]]:
+    """The processes still running of each allocation that has a directory in `data_dir`.
+
+    `leaders`: only the task processes themselves, not what they started.
+    """
+    root = data_dir / ALLOC_DIR
+    ids = [p.name for p in root.iterdir()] if root.is_dir() else []
+    return {ident: pids for ident in ids if (pids := find_marked(ident, leaders_only=leaders))}
+
+
+@pytest.fixture(autouse=True)
+def no_task_left(tmp_path: Path) -> Iterator[None]:
+    """Every test ends with no task process of its allocations running (killed if any)."""
+    yield
+    left = task_processes(tmp_path)
+    for pids in left.values():
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+    assert not left, f"task processes left behind: {left}"

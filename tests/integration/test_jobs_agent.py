@@ -2,10 +2,14 @@
 
 The agent is the real one (:func:`discovery.agent.start_agent`) on a temporary
 data dir, its allocations in host mode on 127.0.0.1 (advertise_addr), which
-only reserves ports: no kernel object is made.  Bridge mode appears once, with
-the agent made to believe it is not root, and must change nothing.  Every test
-here sees a non-root uid (tests/integration/conftest.py) and is checked against
-the machine's namespace (tests/conftest.py): these tests cannot build a bridge.
+only reserves ports: no kernel object is made.  Their tasks are real processes
+(the example job's `python3 -m http.server`).  The agents run as with `--dev`
+(their tasks stop with them) unless a test restarts one with its tasks running;
+every test ends with no process of its allocations left (conftest's `no_task_left`).
+Bridge mode appears once, with the agent made to believe it is not root, and
+must change nothing.  Every test here sees a non-root uid
+(tests/integration/conftest.py) and is checked against the machine's namespace
+(tests/conftest.py): these tests cannot build a bridge.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import os
 import socket
 import threading
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, closing
 from pathlib import Path
 from typing import Any
@@ -27,16 +31,17 @@ import dns.message
 import dns.rcode
 import dns.rdatatype
 import pytest
-from aiohttp import web
 
-from discovery.agent import Agent, LazyNetwork, start_agent
+from discovery.agent import Agent, start_agent
 from discovery.config import AgentConfig, Endpoint, Overrides, parse_config
 from discovery.errors import StateError
 from discovery.hclfile import parse_json
 from discovery.jobs import parse_job
+from discovery.netbridge import LazyNetwork
 from netsetup.network import NetworkManager
 from netsetup.spec import NetworkSpec
 from netsetup.state import Reservation, open_state
+from tests.integration.conftest import task_processes
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE_FILE = json.loads((ROOT / "examples/web.job.json").read_text())
@@ -50,23 +55,25 @@ def _without_checks(job: dict[str, Any]) -> dict[str, Any]:
     return copy
 
 
-# The example job without its HTTP check: no task runs here, so the check would fail
-# and the instances would leave DNS.  test_the_example_job_is_served_once_its_task_listens
-# runs the example as it is.
+# The example job without its HTTP check: its instances are in DNS as soon as their
+# tasks run (the task check), without waiting for the first HTTP check.
 EXAMPLE = _without_checks(EXAMPLE_FILE)
 TIMEOUT = 5.0
+WAIT = 20.0  # seconds a task may take to start and serve on a busy machine
 WRITE_TOKEN = "write-token-123"
 READ_TOKEN = "read-token-456"
 STATIC_LOW = 30000  # static ports for the tests: below Linux's ephemeral range (32768-60999)
+SLEEPER = {"Name": "t", "Driver": "raw_exec", "Config": {"command": "sleep", "args": ["300"]}}
 
 
-def agent_config(data_dir: Path, **extra: Any) -> AgentConfig:
+def agent_config(data_dir: Path, *, dev: bool = True, **extra: Any) -> AgentConfig:
     settings = {
         "advertise_addr": "127.0.0.1",
         "client": {"min_dynamic_port": 41000, "max_dynamic_port": 41999},
         **extra,
     }
     overrides = Overrides(
+        dev=dev,
         data_dir=str(data_dir),
         dns_addr=Endpoint("127.0.0.1", 0),
         http_addr=Endpoint("127.0.0.1", 0),
@@ -120,47 +127,50 @@ async def request(
         return r.status, await r.json()
 
 
-async def serve_task(port: int) -> web.AppRunner:
-    """What the example job's task (`python3 -m http.server $NOMAD_PORT_http`) would serve."""
+async def eventually(probe: Callable[[], Any], what: str, within: float = WAIT) -> Any:
+    """Call the coroutine function `probe` until it returns something true (bounded)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while True:
+        found = await probe()
+        if found:
+            return found
+        if loop.time() > deadline:
+            raise AssertionError(f"never: {what} (last: {found!r})")
+        await asyncio.sleep(0.1)
 
-    async def index(_: web.Request) -> web.Response:
-        return web.Response(text="hello")
 
-    app = web.Application()
-    app.router.add_get("/", index)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    return runner
+async def alloc_details(http: aiohttp.ClientSession, agent: Agent) -> list[dict[str, Any]]:
+    _, stubs = await request(http, "GET", url(agent, "/v1/allocations"))
+    out = []
+    for stub in stubs:
+        _, alloc = await request(http, "GET", url(agent, f"/v1/allocation/{stub['ID']}"))
+        out.append(alloc)
+    return out
 
 
-async def test_the_example_job_is_served_once_its_task_listens(tmp_path: Path) -> None:
-    """The example's HTTP check: no answer while nothing listens, all three once tasks do."""
+async def test_the_example_job_is_served_by_the_tasks_the_agent_runs(tmp_path: Path) -> None:
+    """The example as it is: its tasks serve, their HTTP checks pass, DNS lists them."""
     async with running(agent_config(tmp_path)) as agent, aiohttp.ClientSession() as http:
         status, _ = await request(http, "POST", url(agent, "/v1/jobs"), json=EXAMPLE_FILE)
         assert status == 200
-        _, allocs = await request(http, "GET", url(agent, "/v1/allocations"))
-        ports = []
-        for stub in allocs:
-            _, alloc = await request(http, "GET", url(agent, f"/v1/allocation/{stub['ID']}"))
-            ports.append(int(alloc["Env"]["NOMAD_PORT_http"]))
+        ports = sorted(
+            int(a["Env"]["server"]["NOMAD_PORT_http"]) for a in await alloc_details(http, agent)
+        )
         assert len(ports) == 3
-        # critical until its first check: never in DNS without a task
-        assert (await srv(agent, "web.service.nomad."))[0] == dns.rcode.NXDOMAIN
-        runners = [await serve_task(port) for port in ports]
-        try:
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + 5.0 + 1.0 + TIMEOUT  # interval + first-run stagger + slack
-            answered: list[int] = []
-            while loop.time() < deadline:
-                _, answered = await srv(agent, "web.service.nomad.")
-                if answered == sorted(ports):
-                    break
-                await asyncio.sleep(0.2)
-            assert answered == sorted(ports)
-        finally:
-            for runner in runners:
-                await runner.cleanup()
+
+        async def all_in_dns() -> bool:
+            return (await srv(agent, "web.service.nomad."))[1] == ports
+
+        await eventually(all_in_dns, "the three tasks in DNS, their HTTP checks passing")
+        for port in ports:
+            async with http.get(f"http://127.0.0.1:{port}/") as answer:
+                assert answer.status == 200
+        for alloc in await alloc_details(http, agent):
+            server = alloc["TaskStates"]["server"]
+            assert server["State"] == "running" and server["Pid"] > 0
+            assert [e["Type"] for e in server["Events"]] == ["Received", "Task Setup", "Started"]
+            assert alloc["ClientStatus"] == "running"
 
 
 async def test_post_the_example_job_see_it_in_dns_and_delete_it(tmp_path: Path) -> None:
@@ -178,14 +188,17 @@ async def test_post_the_example_job_see_it_in_dns_and_delete_it(tmp_path: Path) 
             (port,) = alloc["AllocatedResources"]["Shared"]["Ports"]
             assert (port["Label"], port["HostIP"]) == ("http", "127.0.0.1")
             assert 41000 <= port["Value"] <= 41999
-            env = alloc["Env"]
+            env = alloc["Env"]["server"]
             assert env["NOMAD_PORT_http"] == str(port["Value"])
             assert env["NOMAD_ADDR_http"] == f"127.0.0.1:{port['Value']}"
             assert env["NOMAD_ALLOC_ID"] == stub["ID"]
             assert alloc["Network"]["Mode"] == "host"
             ports.append(port["Value"])
-        rcode, answered = await srv(agent, "web.service.nomad.")
-        assert rcode == dns.rcode.NOERROR and answered == sorted(ports)
+
+        async def in_dns() -> bool:
+            return (await srv(agent, "web.service.nomad.")) == (dns.rcode.NOERROR, sorted(ports))
+
+        await eventually(in_dns, "the job's instances in DNS once its tasks run")
         status, services = await request(http, "GET", url(agent, "/v1/service/web"))
         assert {s["AllocID"] for s in services} == {a["ID"] for a in allocs}
         assert [s["JobID"] for s in services] == ["web"] * 3
@@ -197,6 +210,14 @@ async def test_post_the_example_job_see_it_in_dns_and_delete_it(tmp_path: Path) 
         assert status == 200
         rcode, answered = await srv(agent, "web.service.nomad.")
         assert rcode == dns.rcode.NXDOMAIN and answered == []
+        assert task_processes(tmp_path) == {}  # stopped before the DELETE answered
+        # Nomad's stop: the job stays, dead, with its allocations complete.
+        status, allocs = await request(http, "GET", url(agent, "/v1/allocations"))
+        assert {(a["DesiredStatus"], a["ClientStatus"]) for a in allocs} == {("stop", "complete")}
+        status, jobs = await request(http, "GET", url(agent, "/v1/jobs"))
+        assert [(j["ID"], j["Status"], j["Stop"]) for j in jobs] == [("web", "dead", True)]
+        status, _ = await request(http, "DELETE", url(agent, "/v1/job/web?purge=true"))
+        assert status == 200
         status, allocs = await request(http, "GET", url(agent, "/v1/allocations"))
         assert allocs == []
         status, jobs = await request(http, "GET", url(agent, "/v1/jobs"))
@@ -204,15 +225,22 @@ async def test_post_the_example_job_see_it_in_dns_and_delete_it(tmp_path: Path) 
 
 
 async def test_a_restart_on_the_same_data_dir_brings_the_job_back(tmp_path: Path) -> None:
-    config = agent_config(tmp_path)
-    async with running(config) as agent, aiohttp.ClientSession() as http:
+    async with running(agent_config(tmp_path, dev=False)) as agent, aiohttp.ClientSession() as http:
         status, _ = await request(http, "PUT", url(agent, "/v1/jobs"), json=EXAMPLE)
         assert status == 200
-        _, before = await srv(agent, "web.service.nomad.")
+
+        async def three() -> list[int]:
+            _, ports = await srv(agent, "web.service.nomad.")
+            return ports if len(ports) == 3 else []
+
+        before = await eventually(three, "three instances in DNS")
         _, allocs_before = await request(http, "GET", url(agent, "/v1/allocations"))
-    async with running(config) as agent, aiohttp.ClientSession() as http:
+    pids_before = task_processes(tmp_path, leaders=True)
+    assert len(pids_before) == 3  # outside --dev the tasks outlive the agent
+    async with running(agent_config(tmp_path)) as agent, aiohttp.ClientSession() as http:
         rcode, after = await srv(agent, "web.service.nomad.")
         assert rcode == dns.rcode.NOERROR and after == before and len(after) == 3
+        assert task_processes(tmp_path, leaders=True) == pids_before  # adopted, none started again
         _, allocs_after = await request(http, "GET", url(agent, "/v1/allocations"))
         assert sorted(a["ID"] for a in allocs_after) == sorted(a["ID"] for a in allocs_before)
         status, job = await request(http, "GET", url(agent, "/v1/job/web"))
@@ -228,17 +256,33 @@ async def test_a_restart_on_the_same_data_dir_brings_the_job_back(tmp_path: Path
 async def test_job_files_at_start_are_idempotent_across_restarts(tmp_path: Path) -> None:
     config = agent_config(tmp_path)
     async with running(config, [EXAMPLE]) as agent:
-        _, first = await srv(agent, "web.service.nomad.")
+        first = agent.registry.snapshot.allocations
+        version = agent.registry.snapshot.jobs["web"].version
     async with running(config, [EXAMPLE]) as agent:
-        _, second = await srv(agent, "web.service.nomad.")
-        assert len(agent.jobs.jobs["web"].allocs) == 3
-    assert first == second and len(first) == 3
+        second = agent.registry.snapshot.allocations
+        assert agent.registry.snapshot.jobs["web"].version == version  # unchanged: a no-op
+    assert set(first) == set(second) and len(first) == 3
 
 
 BAD_BODIES = [
     (b"{not json", "body"),
     (b"", "body"),
     (json.dumps({"Job": {"TaskGroups": [{"Name": "g"}]}}).encode(), "Job.ID"),
+    (
+        json.dumps({"Job": {"ID": "web", "TaskGroups": [{"Name": "g"}]}}).encode(),
+        "Job.TaskGroups[0].Tasks",
+    ),
+    (
+        json.dumps(
+            {
+                "Job": {
+                    "ID": "web",
+                    "TaskGroups": [{"Name": "g", "Tasks": [{"Name": "t", "Driver": "docker"}]}],
+                }
+            }
+        ).encode(),
+        "Job.TaskGroups[0].Tasks[0].Driver",
+    ),
     (
         json.dumps(
             {"Job": {"ID": "web", "TaskGroups": [{"Name": "g", "Count": "three"}]}}
@@ -266,11 +310,12 @@ async def test_bad_input_is_a_400_naming_the_field_and_changes_nothing(
     tmp_path: Path, body: bytes, field: str
 ) -> None:
     async with running(agent_config(tmp_path), [EXAMPLE]) as agent, aiohttp.ClientSession() as http:
-        before = agent.registry.snapshot.index
+        before = agent.registry.snapshot
         status, error = await request(http, "POST", url(agent, "/v1/jobs"), data=body)
         assert status == 400 and error["field"] == field
-        assert agent.registry.snapshot.index == before
-        assert list(agent.jobs.jobs) == ["web"]
+        after = agent.registry.snapshot
+        assert list(after.jobs) == ["web"] and after.jobs["web"] == before.jobs["web"]
+        assert set(after.allocations) == set(before.allocations)
 
 
 async def test_unknown_ids_are_404(tmp_path: Path) -> None:
@@ -292,7 +337,11 @@ async def test_a_static_port_taken_by_another_job_is_a_409_and_nothing_is_left(
     port = free_static_port()
 
     def static_job(job_id: str) -> dict[str, Any]:
-        group = {"Name": "g", "Networks": [{"ReservedPorts": [{"Label": "p", "Value": port}]}]}
+        group = {
+            "Name": "g",
+            "Networks": [{"ReservedPorts": [{"Label": "p", "Value": port}]}],
+            "Tasks": [SLEEPER],
+        }
         return {"Job": {"ID": job_id, "TaskGroups": [group]}}
 
     async with running(agent_config(tmp_path)) as agent, aiohttp.ClientSession() as http:
@@ -302,20 +351,21 @@ async def test_a_static_port_taken_by_another_job_is_a_409_and_nothing_is_left(
         assert status == 409 and str(port) in error["error"]
         _, allocs = await request(http, "GET", url(agent, "/v1/allocations"))
         assert [a["JobID"] for a in allocs] == ["one"]
+        assert list(task_processes(tmp_path, leaders=True)) == [allocs[0]["ID"]]
 
 
 async def test_writes_need_a_write_token_when_acls_are_on(tmp_path: Path) -> None:
     acl = {"enabled": True, "default_policy": "read", "tokens": {WRITE_TOKEN: "write"}}
     async with running(agent_config(tmp_path, acl=acl)) as agent, aiohttp.ClientSession() as http:
         status, _ = await request(http, "POST", url(agent, "/v1/jobs"), json=EXAMPLE)
-        assert status == 403 and agent.jobs.jobs == {}
+        assert status == 403 and not agent.registry.snapshot.jobs
         headers = {"X-Nomad-Token": WRITE_TOKEN}
         status, _ = await request(
             http, "POST", url(agent, "/v1/jobs"), json=EXAMPLE, headers=headers
         )
         assert status == 200
         status, _ = await request(http, "DELETE", url(agent, "/v1/job/web"))
-        assert status == 403 and "web" in agent.jobs.jobs
+        assert status == 403 and not agent.registry.snapshot.jobs["web"].stop
         status, _ = await request(http, "GET", url(agent, "/v1/jobs"))
         assert status == 200
 
@@ -329,7 +379,11 @@ async def test_bridge_mode_without_root_says_so_and_changes_nothing(
         "Job": {
             "ID": "b",
             "TaskGroups": [
-                {"Name": "g", "Networks": [{"Mode": "bridge", "DynamicPorts": [{"Label": "p"}]}]}
+                {
+                    "Name": "g",
+                    "Networks": [{"Mode": "bridge", "DynamicPorts": [{"Label": "p"}]}],
+                    "Tasks": [SLEEPER],
+                }
             ],
         }
     }
@@ -346,7 +400,7 @@ async def test_bridge_mode_without_root_says_so_and_changes_nothing(
         before = agent.registry.snapshot.index
         status, error = await request(http, "POST", url(agent, "/v1/jobs"), json=bridge)
         assert status == 500 and "needs root" in error["error"]
-        assert agent.registry.snapshot.index == before and agent.jobs.jobs == {}
+        assert agent.registry.snapshot.index == before and not agent.registry.snapshot.jobs
     assert not link_exists("wptestnone")
 
 
@@ -365,15 +419,17 @@ async def test_every_route_needs_its_token_when_acls_deny(tmp_path: Path) -> Non
     }
     config = agent_config(tmp_path, acl=acl)
     async with running(config, [EXAMPLE]) as agent, aiohttp.ClientSession() as http:
-        alloc = agent.jobs.jobs["web"].allocs[0].plan.id
+        alloc = next(iter(agent.registry.snapshot.allocations))
         reads = ["/v1/jobs", "/v1/job/web", "/v1/job/web/allocations", "/v1/allocations"]
+        reads.append("/v1/job/web/summary")
+        reads.append(f"/v1/client/fs/logs/{alloc}?task=server&type=stdout&plain=true")
         reads.append(f"/v1/allocation/{alloc}")
         for path in reads:
             status, error = await request(http, "GET", url(agent, path))
             assert status == 403 and error["error"], path
             headers = {"X-Nomad-Token": READ_TOKEN}
-            status, _ = await request(http, "GET", url(agent, path), headers=headers)
-            assert status == 200, path
+            async with http.get(url(agent, path), headers=headers) as answer:
+                assert answer.status == 200, path
         read_only = {"Authorization": f"Bearer {READ_TOKEN}"}
         for method, path in [("POST", "/v1/jobs"), ("PUT", "/v1/jobs"), ("DELETE", "/v1/job/web")]:
             for headers in ({}, read_only):
@@ -381,7 +437,7 @@ async def test_every_route_needs_its_token_when_acls_deny(tmp_path: Path) -> Non
                     http, method, url(agent, path), json=job_with("web", 1), headers=headers
                 )
                 assert status == 403, (method, path, headers)
-        assert len(agent.jobs.jobs["web"].allocs) == 3
+        assert len(agent.registry.snapshot.allocations) == 3
 
 
 async def test_concurrent_posts_and_deletes_leave_netsetup_and_the_registry_agreeing(
@@ -399,8 +455,10 @@ async def test_concurrent_posts_and_deletes_leave_netsetup_and_the_registry_agre
             request(http, "POST", url(agent, "/v1/jobs"), json=job_with("a", 3)),
         )
         assert (status, post_status) == (200, 200)
-        held = {a.plan.id for job in agent.jobs.jobs.values() for a in job.allocs}
-        assert len(held) == 3 * ("a" in agent.jobs.jobs) + 2 + 1
+        snap = agent.registry.snapshot
+        held = {a.id for a in snap.allocations.values() if not a.terminal}
+        running_a = "a" in snap.jobs and not snap.jobs["a"].stop
+        assert len(held) == 3 * running_a + 2 + 1
         with closing(open_state(tmp_path)) as state:
             assert {r.alloc_id for r in state.allocations()} == held
         assert set(agent.registry.snapshot.allocs) == held
@@ -435,4 +493,4 @@ async def test_persisted_bridge_allocations_are_not_reconciled_by_tests(
 
     monkeypatch.setattr(NetworkManager, "reconcile", refuse)
     async with running(config) as agent:
-        assert len(agent.jobs.jobs["web"].allocs) == 3
+        assert len(agent.registry.snapshot.allocations) == 3

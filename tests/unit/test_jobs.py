@@ -17,17 +17,18 @@ from discovery.jobs import (
     MAX_COUNT,
     JobSpec,
     alloc_addresses,
-    alloc_env,
     parse_job,
     plan_allocs,
     plan_instances,
     render_job,
     service_id,
+    task_check_id,
 )
 from discovery.model import CheckKind, Health
 from netsetup.spec import AllocNetwork, PortMapping
 
 ROOT = Path(__file__).resolve().parents[2]
+TASK = {"Name": "server", "Driver": "raw_exec", "Config": {"command": "sleep", "args": ["60"]}}
 
 
 def job(**changes: Any) -> dict[str, Any]:
@@ -51,6 +52,7 @@ def job(**changes: Any) -> dict[str, Any]:
                 "Checks": [{"Type": "tcp", "Interval": 10_000_000_000, "Timeout": "2s"}],
             }
         ],
+        "Tasks": [TASK],
     }
     group.update(changes)
     return {"Job": {"ID": "web", "Name": "web", "Type": "service", "TaskGroups": [group]}}
@@ -92,10 +94,53 @@ def test_a_bare_job_is_accepted_too() -> None:
 
 
 def test_documented_nomad_fields_are_ignored() -> None:
-    body = job(Tasks=[{"Name": "t", "Driver": "exec"}], RestartPolicy={"Attempts": 2})
+    body = job(Constraints=[], EphemeralDisk={"SizeMB": 300}, ShutdownDelay=0)
     body["Job"].update(Datacenters=["dc1"], Priority=50, Constraints=[])
     body["EnforceIndex"] = False
     assert parse_job(body) == parse_job(job())
+
+
+def test_tasks_meta_and_restart_policy_are_read() -> None:
+    task = {**TASK, "Meta": {"t": "1"}, "Env": {"A": "b"}}
+    body = job(Tasks=[task], Meta={"g": "2"}, RestartPolicy={"Attempts": 5, "Mode": "delay"})
+    body["Job"]["Meta"] = {"j": "3"}
+    spec = parse_job(body)
+    group = spec.groups[0]
+    (server,) = group.tasks
+    assert (server.name, server.command, server.args, server.env) == (
+        "server",
+        "sleep",
+        ("60",),
+        (("A", "b"),),
+    )
+    assert (spec.meta, group.meta, server.meta) == ((("j", "3"),), (("g", "2"),), (("t", "1"),))
+    assert (group.restart.attempts, group.restart.mode, group.restart.delay) == (5, "delay", 15.0)
+    assert group.restart_of(server) is group.restart
+
+
+def test_a_group_needs_a_task_and_a_driver_it_can_run() -> None:
+    with pytest.raises(ValidationError, match="needs at least one task") as caught:
+        parse_job(job(Tasks=[]))
+    assert caught.value.field == "Job.TaskGroups[0].Tasks"
+    with pytest.raises(ValidationError, match="'docker'") as caught:
+        parse_job(job(Tasks=[{**TASK, "Driver": "docker"}]))
+    assert caught.value.field == "Job.TaskGroups[0].Tasks[0].Driver"
+    assert "'server'" in caught.value.message
+    with pytest.raises(ValidationError, match="duplicate task"):
+        parse_job(job(Tasks=[TASK, TASK]))
+
+
+def test_task_services_belong_to_their_task() -> None:
+    service = {"Name": "api", "PortLabel": "http"}
+    spec = parse_job(job(Tasks=[{**TASK, "Services": [service]}]))
+    group = spec.groups[0]
+    assert [(s.name, s.task) for s in group.services] == [("web", ""), ("api", "server")]
+    alloc = plan_allocs(spec, lambda: "a")[0]
+    _, api = plan_instances(alloc, group, _network("a"), "n")
+    assert api.id == "_nomad-task-a-server-api-http"
+    assert [c.kind for c in api.checks] == [CheckKind.TASK]
+    assert render_job(spec)["TaskGroups"][0]["Tasks"][0]["Services"][0]["Name"] == "api"
+    assert parse_job(render_job(spec)) == spec
 
 
 def _with(path: list[object], value: object) -> dict[str, Any]:
@@ -257,7 +302,7 @@ def test_duplicate_groups_and_services_are_rejected() -> None:
 
 
 def test_count_defaults_to_one_and_networks_to_host_mode() -> None:
-    spec = parse_job({"Job": {"ID": "j", "TaskGroups": [{"Name": "g"}]}})
+    spec = parse_job({"Job": {"ID": "j", "TaskGroups": [{"Name": "g", "Tasks": [TASK]}]}})
     assert spec.groups[0].count == 1
     assert spec.groups[0].network.mode == "host"
     assert spec.groups[0].network.ports == ()
@@ -332,12 +377,19 @@ def test_instances_carry_tags_meta_ports_and_checks() -> None:
     assert inst.tags == ("a", "b")
     assert dict(inst.meta) == {"version": "1"}
     assert dict(inst.ports) == {"admin": 9000, "http": 21000}
-    (check,) = inst.checks
+    check, task = inst.checks
     assert (check.id, check.kind, check.target) == (
         f"service:{inst.id}",
         CheckKind.TCP,
         "192.0.2.1:21000",
     )
+    # Every job instance has its task check, critical until the task runs.
+    assert (task.id, task.kind, task.status) == (
+        task_check_id(inst.id),
+        CheckKind.TASK,
+        Health.CRITICAL,
+    )
+    assert task.name == 'Nomad task "server"'
     assert inst.health is Health.CRITICAL  # a new check is critical until it passes
 
 
@@ -349,22 +401,16 @@ def test_http_check_targets_and_initial_status() -> None:
     spec = parse_job(_with([*SVC, "Checks"], checks))
     alloc = plan_allocs(spec, lambda: "a")[0]
     (inst,) = plan_instances(alloc, spec.groups[0], _network("a"), "n")
-    assert [(c.id.rsplit(":", 1)[-1], c.target) for c in inst.checks] == [
+    assert [(c.id.rsplit(":", 1)[-1], c.target) for c in inst.checks[:2]] == [
         ("1", "http://192.0.2.1:21000/health"),
         ("2", "https://192.0.2.1:9000/"),
     ]
     assert inst.checks[0].status is Health.PASSING
 
 
-def test_alloc_addresses_and_env() -> None:
-    spec = parse_job(job())
-    alloc = plan_allocs(spec, lambda: "a")[0]
+def test_alloc_addresses() -> None:
     assert alloc_addresses(_network("a")) == ("192.0.2.1",)
     assert alloc_addresses(_network("a", "bridge")) == ("172.26.64.2",)
-    env = alloc_env(alloc, spec, {"NOMAD_PORT_http": "8080"})
-    assert env["NOMAD_ALLOC_NAME"] == "web.web[0]"
-    assert env["NOMAD_JOB_ID"] == "web"
-    assert env["NOMAD_PORT_http"] == "8080"
 
 
 # -- round trip ------------------------------------------------------------------------------
@@ -404,6 +450,7 @@ def bodies(draw: st.DrawFn) -> dict[str, Any]:
         "Services": [
             s for i, s in enumerate(services) if s["Name"] not in {x["Name"] for x in services[:i]}
         ],
+        "Tasks": [{**TASK, "Env": draw(st.dictionaries(_labels, _labels, max_size=3))}],
     }
     return {"Job": {"ID": draw(_labels), "TaskGroups": [group]}}
 
