@@ -62,7 +62,7 @@ DEFAULT_CHECK_TIMEOUT = 10.0  # Consul's default for HTTP and TCP checks
 MAX_TTL = 2**31 - 1  # RFC 2181 section 8: TTLs are 31-bit
 MAX_NAME = 253  # RFC 1035 section 2.3.4, in presentation form without the root dot
 
-_TTL_PATTERN = re.compile(r"^(?:\*|[a-z0-9][a-z0-9-]*\*?)$")
+_TTL_PATTERN = re.compile(r"(?:\*|[a-z0-9][a-z0-9-]*\*?)")
 
 
 # -- results ---------------------------------------------------------------------
@@ -269,7 +269,7 @@ def _service_ttl(value: object, fieldname: str) -> Mapping[str, int]:
     out: dict[str, int] = {}
     for pattern, ttl in value.items():
         key = str(pattern).lower()
-        if not _TTL_PATTERN.match(key) or len(key) > MAX_LABEL + 1:
+        if not _TTL_PATTERN.fullmatch(key) or len(key) > MAX_LABEL + 1:
             raise ValidationError(
                 f"{fieldname}.{pattern}", 'must be a service name, "prefix*" or "*"'
             )

@@ -61,12 +61,14 @@ def positive_seconds(value: object, fieldname: str) -> float:
 
 
 def format_duration(seconds: float) -> str:
-    """The Go spelling of a duration ("10s", "1m30s", "250ms"), as Consul prints it."""
+    """The Go spelling of a duration ("10s", "1m30s", "1m30.5s", "250ms"), as Consul
+    and Nomad print it (to the millisecond)."""
     ms = round(seconds * 1000)
-    if ms % 1000:
-        return f"{ms}ms" if ms < 1000 else f"{ms / 1000:g}s"
-    whole = ms // 1000
+    if 0 < ms < 1000:
+        return f"{ms}ms"
+    whole, frac = divmod(ms, 1000)
     hours, rest = divmod(whole, 3600)
     minutes, secs = divmod(rest, 60)
     text = (f"{hours}h" if hours else "") + (f"{minutes}m" if hours or minutes else "")
-    return text + f"{secs}s"
+    fraction = f".{frac:03d}".rstrip("0") if frac else ""
+    return f"{text}{secs}{fraction}s"

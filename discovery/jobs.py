@@ -85,7 +85,7 @@ DEFAULT_CHECK_TIMEOUT = 10.0  # seconds, when a check gives none (Consul's defau
 MAX_NAME = 128
 # Job and group ids go into allocation names "<job>.<group>[<i>]", service ids and
 # Nomad's env; letters, digits, `_`, `.` and `-`, starting with a letter or digit.
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 ADDRESS_MODES = ("auto", "host", "alloc")
 JOB_TYPES = ("service",)
 NAMESPACE = "default"  # the only Nomad namespace waypost has
@@ -208,7 +208,7 @@ class PlannedAlloc:
 def _name(value: str, path: str) -> str:
     if not value:
         raise ValidationError(path, "is required")
-    if len(value) > MAX_NAME or not _NAME.match(value):
+    if len(value) > MAX_NAME or not _NAME.fullmatch(value):
         raise ValidationError(
             path,
             f"{value!r} is not a valid name (1-{MAX_NAME} of letters, digits, '_', '.', '-',"
@@ -292,9 +292,10 @@ def _parse_group(raw: object, path: str) -> GroupSpec:
     networks = obj.items("Networks", 1)
     network = _parse_network(networks[0][1], networks[0][0]) if networks else HOST_NETWORK
     services = [(p, _parse_service(item, p)) for p, item in obj.items("Services", MAX_SERVICES)]
+    restart = parse_restart(obj.get("RestartPolicy"), obj.at("RestartPolicy"))
     tasks: list[TaskSpec] = []
     for where, item in obj.items("Tasks", MAX_TASKS):
-        task = parse_task(item, where, known=frozenset({"Services"}))
+        task = parse_task(item, where, known=frozenset({"Services"}), restart=restart)
         if any(t.name == task.name for t in tasks):
             raise ValidationError(f"{where}.Name", f"duplicate task {task.name!r}")
         tasks.append(task)
@@ -310,7 +311,7 @@ def _parse_group(raw: object, path: str) -> GroupSpec:
         network,
         tuple(svc for _, svc in services),
         tuple(tasks),
-        parse_restart(obj.get("RestartPolicy"), obj.at("RestartPolicy")),
+        restart,
         obj.string_map("Meta", MAX_META),
     )
 

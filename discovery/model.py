@@ -21,7 +21,7 @@ from discovery.errors import ValidationError
 
 # RFC 1123 section 2.1: letters, digits and hyphens, not starting or ending
 # with a hyphen, at most 63 octets.  Matching is case-insensitive (RFC 4343).
-_LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 MAX_LABEL = 63
 # A tag becomes a DNS label when used as a filter (`<tag>.<svc>.service`), but
 # Consul allows any string as a tag; we accept any printable string and only
@@ -146,7 +146,7 @@ class Node:
 
 def is_label(name: str) -> bool:
     """True when `name` is an RFC 1123 label usable in a DNS name."""
-    return bool(_LABEL.match(name))
+    return bool(_LABEL.fullmatch(name))
 
 
 def check_label(value: object, fieldname: str) -> str:
@@ -155,7 +155,7 @@ def check_label(value: object, fieldname: str) -> str:
         raise ValidationError(fieldname, "must be a non-empty string")
     if len(value) > MAX_LABEL:
         raise ValidationError(fieldname, f"{value!r} is longer than {MAX_LABEL} characters")
-    if not _LABEL.match(value):
+    if not _LABEL.fullmatch(value):
         raise ValidationError(
             fieldname,
             f"{value!r} is not a valid DNS label (letters, digits and '-', "

@@ -3,7 +3,8 @@
 :class:`JsonObject` wraps one JSON object at a path (`Job.TaskGroups[0]`) and
 checks its keys once: a key waypost reads is *known*, a documented Nomad key
 that means nothing here is *ignored*, a Nomad key whose effect waypost cannot
-give is refused as "not supported by waypost" (:data:`UNSUPPORTED`), and any
+give is refused as "not supported by waypost" (:data:`UNSUPPORTED`) unless it is
+null or an empty list (as `nomad job inspect` writes unused features), and any
 other key is an "unknown field" (a misspelling would otherwise drop a port or
 a service silently).  Every error is a ValidationError naming the JSON path.
 
@@ -40,9 +41,11 @@ class JsonObject:
         if not isinstance(raw, Mapping):
             raise ValidationError(path, "must be an object")
         wanted = set(known)
-        for key in raw:
+        for key, value in raw.items():
             if not isinstance(key, str) or (key not in wanted and key not in ignored):
                 if key in unsupported:
+                    if value is None or value == []:
+                        continue  # how Nomad's own JSON writes a feature left unused
                     raise ValidationError(f"{path}.{key}", "is not supported by waypost")
                 raise ValidationError(f"{path}.{key}", "unknown field")
         self.raw: Mapping[str, Any] = raw
@@ -94,6 +97,8 @@ class JsonObject:
         for name, item in value.items():
             if not isinstance(item, str):
                 raise ValidationError(f"{self.at(key)}.{name}", "must be a string")
+            if "\x00" in name or "\x00" in item:
+                raise ValidationError(f"{self.at(key)}.{name}", "must not contain NUL characters")
         return tuple(sorted(value.items()))
 
     def seconds(self, key: str, default: float) -> float:

@@ -89,8 +89,8 @@ PROTOCOLS = ("tcp", "udp")  # a port mapping forwards both, as Nomad's does
 LOOPBACK4 = "127.0.0.1"
 NFT_TIMEOUT = 30.0  # seconds; nft answers in milliseconds, a hang means a wedged kernel
 # nft's limit on comments (NFT_USERDATA_MAXLEN is larger; the parser stops at 128).
-_OWNER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
-_TABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,31}$")
+_OWNER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
+_TABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,31}")
 _SBIN = ("/usr/sbin", "/sbin", "/usr/local/sbin")
 # The texts nft prints for kernel errnos, to give KernelError its errno back.
 _ERRNOS = {
@@ -135,13 +135,13 @@ def map_name(family: Family) -> str:
 
 def check_owner(alloc_id: str) -> str:
     """`alloc_id` if it can be an element comment (it goes into an nft script verbatim)."""
-    if not _OWNER.match(alloc_id):
+    if not _OWNER.fullmatch(alloc_id):
         raise InvalidName("allocation", alloc_id, "1-128 of [A-Za-z0-9_.:-] for an nft comment")
     return alloc_id
 
 
 def check_table(name: str) -> str:
-    if not _TABLE.match(name):
+    if not _TABLE.fullmatch(name):
         raise InvalidName("nft table", name, "1-32 of [A-Za-z0-9_], not starting with a digit")
     return name
 

@@ -37,10 +37,10 @@ DEFAULT_HOST_NETWORK = "default"  # Nomad's name for the host address's network
 # Letters, digits, `_`, `.` and `-`: what a port label may hold.  Nomad cleans
 # the other characters out of env names anyway (see netsetup.env); we keep
 # labels printable and free of `=`, spaces and shell metacharacters.
-_LABEL = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+_LABEL = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 # Linux interface names: at most IFNAMSIZ - 1 = 15 bytes, no `/`, no whitespace.
 IFNAMSIZ = 16
-_IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+_IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 
 
 def _check_port(field: str, value: object) -> int:
@@ -86,7 +86,7 @@ def parse_port_ranges(spec: str, field: str = "reserved_ports") -> frozenset[int
 
 def check_ifname(field: str, name: str) -> str:
     """`name` if it is a valid Linux interface name (1-15 chars), else SpecError."""
-    if not _IFNAME.match(name):
+    if not _IFNAME.fullmatch(name):
         raise SpecError(field, f"invalid interface name {name!r} (1-15 of [A-Za-z0-9_.-])")
     return name
 
@@ -105,7 +105,7 @@ class PortSpec:
     host_network: str = ""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.label, str) or not _LABEL.match(self.label):
+        if not isinstance(self.label, str) or not _LABEL.fullmatch(self.label):
             raise SpecError("port.label", f"invalid port label {self.label!r}")
         where = f"port[{self.label}]"
         if self.static is not None:

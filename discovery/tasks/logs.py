@@ -87,7 +87,10 @@ def find_start(sizes: list[int], offset: int, *, from_end: bool) -> tuple[int, i
     """(position in `sizes`, offset in that file) of `offset` bytes into the logs.
 
     Pure (Nomad's findClosest): from the start, `offset` past the last file's end
-    is that end; from the end, beyond the first file is its start.
+    is that end; from the end, beyond the first file is its start.  One
+    difference: from the end with offset 0 Nomad starts at the top of the last
+    file (its loop stops at offset 0 before stepping back); here it is the end,
+    what `tail -f` means.
     """
     if not sizes:
         raise ValueError("no log files")

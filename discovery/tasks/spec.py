@@ -25,7 +25,7 @@ from typing import Any
 
 from discovery.errors import ValidationError
 from discovery.model import check_int
-from discovery.nomadjson import JsonObject, ns
+from discovery.nomadjson import UNSUPPORTED, JsonObject, ns
 
 DRIVERS = ("exec", "raw_exec")
 DEFAULT_CPU = 100  # MHz (Nomad's DefaultResources)
@@ -39,12 +39,12 @@ MAX_TASKS = 32  # per group
 MAX_KILL_TIMEOUT = 3600.0  # an hour: a stop must end
 RESTART_MODES = ("fail", "delay")
 # Task names go into paths (<alloc dir>/<task>), log file names and NOMAD_TASK_NAME.
-_TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-_ENV_NAME = re.compile(r"^[^=\x00]+$")
+_TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_ENV_NAME = re.compile(r"[^=\x00]+")
 
 _IGNORED_TASK = frozenset(
     {"Constraints", "Affinities", "Leader", "ShutdownDelay", "Kind", "ScalingPolicies"}
-    | {"Identity", "Identities", "Consul", "Actions", "Schedule", "CSIPluginConfig"}
+    | {"Identity", "Identities", "Consul", "Actions", "Schedule"}
     | {"KillTimeoutHCL"}
 )
 _IGNORED_RESOURCES = frozenset({"DiskMB", "IOPS", "Devices", "NUMA", "SecretsMB", "Cores"})
@@ -131,13 +131,23 @@ def render_restart(policy: RestartPolicy) -> dict[str, Any]:
     }
 
 
-def parse_task(raw: object, path: str, *, known: frozenset[str] = frozenset()) -> TaskSpec:
-    """One `Tasks[]` entry; `known` are more keys the caller reads itself (`Services`)."""
+def parse_task(
+    raw: object,
+    path: str,
+    *,
+    known: frozenset[str] = frozenset(),
+    restart: RestartPolicy | None = None,
+) -> TaskSpec:
+    """One `Tasks[]` entry; `known` are more keys the caller reads itself (`Services`).
+
+    A task's own `RestartPolicy` is merged over `restart`, the group's (Nomad's
+    Task.Canonicalize): `{"Attempts": 1}` keeps the group's interval, delay and mode.
+    """
     keys = {"Name", "Driver", "Config", "Env", "User", "Meta", "Resources"}
     keys |= {"KillTimeout", "KillSignal", "LogConfig", "RestartPolicy"}
     obj = JsonObject(raw, path, keys | known, _IGNORED_TASK)
     name = obj.text("Name")
-    if not _TASK_NAME.match(name):
+    if not _TASK_NAME.fullmatch(name):
         raise ValidationError(
             obj.at("Name"),
             f"{name!r} is not a task name (1-128 of letters, digits, '_', '.', '-',"
@@ -152,7 +162,7 @@ def parse_task(raw: object, path: str, *, known: frozenset[str] = frozenset()) -
     command, args = _parse_config(obj.get("Config"), obj.at("Config"))
     env = obj.string_map("Env", MAX_ENV)
     for key, _ in env:
-        if not _ENV_NAME.match(key):
+        if not _ENV_NAME.fullmatch(key):
             raise ValidationError(f"{obj.at('Env')}.{key}", "is not an environment variable name")
     cpu, memory, memory_max = _parse_resources(obj.get("Resources"), obj.at("Resources"))
     kill_timeout = obj.seconds("KillTimeout", DEFAULT_KILL_TIMEOUT)
@@ -178,7 +188,7 @@ def parse_task(raw: object, path: str, *, known: frozenset[str] = frozenset()) -
         logs=_parse_logs(obj.get("LogConfig"), obj.at("LogConfig")),
         restart=None
         if restart_raw is None
-        else parse_restart(restart_raw, obj.at("RestartPolicy")),
+        else parse_restart(restart_raw, obj.at("RestartPolicy"), restart),
     )
 
 
@@ -201,15 +211,29 @@ def _parse_config(raw: object, path: str) -> tuple[str, tuple[str, ...]]:
 def _parse_resources(raw: object, path: str) -> tuple[int, int, int]:
     if raw is None:
         return DEFAULT_CPU, DEFAULT_MEMORY, 0
-    obj = JsonObject(raw, path, {"CPU", "MemoryMB", "MemoryMaxMB"}, _IGNORED_RESOURCES)
-    cpu = obj.get("CPU")
-    memory = obj.get("MemoryMB")
-    memory_max = obj.get("MemoryMaxMB")
-    return (
-        DEFAULT_CPU if cpu is None else check_int(cpu, obj.at("CPU"), 1, 1 << 30),
-        DEFAULT_MEMORY if memory is None else check_int(memory, obj.at("MemoryMB"), 10, 1 << 30),
-        0 if memory_max is None else check_int(memory_max, obj.at("MemoryMaxMB"), 0, 1 << 30),
+    # Resources.Networks is Nomad's deprecated task-level network: null when unused.
+    obj = JsonObject(
+        raw,
+        path,
+        {"CPU", "MemoryMB", "MemoryMaxMB"},
+        _IGNORED_RESOURCES,
+        UNSUPPORTED | {"Networks"},
     )
+    cpu_raw, memory_raw, max_raw = obj.get("CPU"), obj.get("MemoryMB"), obj.get("MemoryMaxMB")
+    cpu = DEFAULT_CPU if cpu_raw is None else check_int(cpu_raw, obj.at("CPU"), 1, 1 << 30)
+    memory = (
+        DEFAULT_MEMORY
+        if memory_raw is None
+        else check_int(memory_raw, obj.at("MemoryMB"), 10, 1 << 30)
+    )
+    memory_max = 0 if max_raw is None else check_int(max_raw, obj.at("MemoryMaxMB"), 0, 1 << 30)
+    if memory_max and memory_max < memory:
+        # Nomad's Resources.Validate: the hard limit cannot sit under the reservation.
+        raise ValidationError(
+            obj.at("MemoryMaxMB"),
+            f"{memory_max} must be at least MemoryMB ({memory}), or 0 for no limit over it",
+        )
+    return cpu, memory, memory_max
 
 
 def _parse_logs(raw: object, path: str) -> LogConfig:

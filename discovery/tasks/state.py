@@ -84,19 +84,21 @@ def with_event(current: TaskState, event: TaskEvent, /, **changes: Any) -> TaskS
 
 
 def client_status(states: Iterable[TaskState]) -> str:
-    """Nomad's ClientStatus of an allocation whose tasks are in `states`.
+    """Nomad's ClientStatus of an allocation whose tasks are in `states`
+    (client/allocrunner getClientStatus).
 
-    failed if any task failed; running if every task runs; complete once all are
-    dead (and none failed); pending otherwise (starting, restarting).
+    failed if any task failed; else running if any task runs (a restarting sibling
+    does not make a serving allocation pending); else pending if any task is yet to
+    run; else complete once all are dead.
     """
     states = list(states)
     if any(s.failed for s in states):
         return "failed"
-    if states and all(s.state == DEAD for s in states):
-        return "complete"
-    if states and all(s.state == RUNNING for s in states):
+    if any(s.state == RUNNING for s in states):
         return "running"
-    return "pending"
+    if not states or any(s.state != DEAD for s in states):
+        return "pending"
+    return "complete"
 
 
 def go_time(nanos: int) -> str:

@@ -161,6 +161,7 @@ BAD = [
     # (where to put the value, the value, the field the error must name)
     (["Job", "ID"], "", "Job.ID"),
     (["Job", "ID"], "a b", "Job.ID"),
+    (["Job", "ID"], "web\n", "Job.ID"),
     (["Job", "ID"], 7, "Job.ID"),
     (["Job", "Type"], "batch", "Job.Type"),
     (["Job", "Namespace"], "prod", "Job.Namespace"),

@@ -238,6 +238,7 @@ def test_weight_follows_health(health: Health, weight: int) -> None:
         ("a_b", False),
         ("a.b", False),
         ("é", False),
+        ("web\n", False),
     ],
 )
 def test_is_label(name: str, ok: bool) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
 
@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from netsetup.errors import PortError, PortsExhausted, SpecError
+from netsetup.errors import InvalidName, PortError, PortsExhausted, SpecError
+from netsetup.firewall import check_owner, check_table
 from netsetup.ports import (
     RANDOM_PROBES,
     PortPolicy,
@@ -33,7 +34,14 @@ from netsetup.ports import (
     probe_port_free,
     probe_static_port,
 )
-from netsetup.spec import HostNetwork, NetConfig, NetworkSpec, PortMapping, PortSpec
+from netsetup.spec import (
+    HostNetwork,
+    NetConfig,
+    NetworkSpec,
+    PortMapping,
+    PortSpec,
+    check_ifname,
+)
 
 # See tests/unit/test_dns_props.py: no `.hypothesis` directory in the rootdir.
 set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "waypost-hypothesis")
@@ -149,6 +157,7 @@ def test_net_config_defaults_and_normalisation() -> None:
         ({"label": "has space"}, "port.label"),
         ({"label": "a=b"}, "port.label"),
         ({"label": "-lead"}, "port.label"),
+        ({"label": "http\n"}, "port.label"),  # `$` would match before the newline
         ({"label": "http", "static": 0}, "port[http].static"),
         ({"label": "http", "static": 65536}, "port[http].static"),
         ({"label": "http", "static": "80"}, "port[http].static"),
@@ -535,3 +544,23 @@ def test_time_wait_blocks_dynamic_picks_but_not_static_ports() -> None:
 def test_probe_of_an_address_not_on_this_host() -> None:
     with pytest.raises(PortError, match=r"192\.0\.2\.1 is not configured on this host"):
         probe_port_free("192.0.2.1", 40000)  # TEST-NET-1: bind only, nothing sent
+
+
+@pytest.mark.parametrize("name", ["nomad\n", "", "a" * 16, "has space", "a/b"])
+def test_interface_names_are_checked_whole(name: str) -> None:
+    with pytest.raises(SpecError):
+        check_ifname("bridge", name)
+
+
+@pytest.mark.parametrize(
+    ("check", "name"),
+    [
+        (check_owner, "alloc-1\n"),
+        (check_owner, ""),
+        (check_table, "waypost\n"),
+        (check_table, "9x"),
+    ],
+)
+def test_firewall_names_are_checked_whole(check: Callable[[str], str], name: str) -> None:
+    with pytest.raises(InvalidName):
+        check(name)

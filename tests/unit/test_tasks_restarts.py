@@ -105,12 +105,6 @@ def test_the_fail_reason_prints_the_interval_as_go_does(
     assert decisions[-1] == Decision(False, 0.0, reason)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="format_duration (discovery/durations.py) prints fractional seconds over a minute "
-    "as seconds only ('90.5s', '61.25s'); Go's time.Duration prints '1m30.5s', '1m1.25s'",
-)
 @pytest.mark.parametrize(
     ("interval", "text"), [(90.5, "1m30.5s"), (61.25, "1m1.25s"), (3600.5, "1h0m0.5s")]
 )

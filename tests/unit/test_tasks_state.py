@@ -96,13 +96,6 @@ def test_client_status(states: list[TaskState], status: str) -> None:
     assert client_status(reversed(states)) == status
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="client_status says running only when every task runs; Nomad's getClientStatus "
-    "says running when any task runs and none failed (a restarting sibling is pending, "
-    "so a group with one task restarting shows pending instead of running)",
-)
 @pytest.mark.parametrize(
     "states", [[RUN, WAIT], [RUN, DONE], [RUN, WAIT, DONE]], ids=["pending", "dead", "both"]
 )
