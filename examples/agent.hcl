@@ -62,8 +62,8 @@ dns {
 
 # Services use Consul's shape; `service` may appear any number of times.
 service {
-  name    = "api"           # required; a DNS label
-  id      = "api-1"         # default: the name; unique across all files
+  name    = "billing"       # required; a DNS label
+  id      = "billing-1"     # default: the name; unique across all files
   address = "127.0.0.1"     # default: this node's address
   port    = 9090
   tags    = ["v1", "canary"]
@@ -75,7 +75,7 @@ service {
     passing = 10
     warning = 1
   }
-  ports = {                 # named ports: _grpc._tcp.api.service.nomad
+  ports = {                 # named ports: _grpc._tcp.billing.service.nomad
     grpc = 9091
   }
 
@@ -85,8 +85,8 @@ service {
   # A check without `status` starts critical, as in Consul; the service's
   # health is the worst of its checks.
   check {
-    id       = "api-http"                       # default: service:<service id>[:<n>]
-    name     = "API health"
+    id       = "billing-http"                   # default: service:<service id>[:<n>]
+    name     = "Billing health"
     http     = "http://127.0.0.1:9090/health"   # or tcp = "127.0.0.1:9090", or ttl = "30s"
     interval = "10s"                            # required for http and tcp
     timeout  = "2s"                             # default 10s

@@ -1,16 +1,18 @@
 # Example services for `make run` (waypost agent --dev --config examples/services.hcl).
 #
-# Consul's service shape.  An empty or missing address means the node's
-# address (127.0.0.1 in --dev), so SRV targets are <node>.node.dc1.nomad.
+# Consul's service shape: instances registered from a file, which the agent
+# serves but does not run (nothing listens on these ports; the example job,
+# examples/web.job.json, is what runs).  An empty or missing address means the
+# node's address (127.0.0.1 in --dev), so SRV targets are <node>.node.dc1.nomad.
 #
-#   dig @127.0.0.1 -p 8600 SRV web.service.nomad             three instances
-#   dig @127.0.0.1 -p 8600 SRV v1.primary.web.service.nomad   web-1 only
-#   dig @127.0.0.1 -p 8600 TXT web.service.nomad              web-1's meta
+#   dig @127.0.0.1 -p 8600 SRV api.service.nomad             three instances
+#   dig @127.0.0.1 -p 8600 SRV v1.primary.api.service.nomad   api-1 only
+#   dig @127.0.0.1 -p 8600 TXT api.service.nomad              api-1's meta
 #   dig @127.0.0.1 -p 8600 SRV _metrics._tcp.db.service.nomad the named port
 
 service {
-  name = "web"
-  id   = "web-1"
+  name = "api"
+  id   = "api-1"
   port = 8081
   tags = ["primary", "v1"]
   meta = {
@@ -20,15 +22,15 @@ service {
 }
 
 service {
-  name = "web"
-  id   = "web-2"
+  name = "api"
+  id   = "api-2"
   port = 8082
   tags = ["v1"]
 }
 
 service {
-  name    = "web"
-  id      = "web-3"
+  name    = "api"
+  id      = "api-3"
   address = "127.0.0.1"
   port    = 8083
   tags    = ["v2"]

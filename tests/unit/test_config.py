@@ -440,11 +440,11 @@ def test_an_empty_directory_is_no_config(tmp_path: Path) -> None:
 def test_examples_parse() -> None:
     config = load_config([str(ROOT / "examples/agent.hcl"), str(ROOT / "examples/services.hcl")])
     ids = [s.id for s in config.services]
-    assert ids == ["api-1", "web-1", "web-2", "web-3", "db-1"]
-    web = [s for s in config.services if s.name == "web"]
-    assert [s.port for s in web] == [8081, 8082, 8083]
-    assert {t for s in web for t in s.tags} == {"primary", "v1", "v2"}
-    assert any(s.meta for s in web)
+    assert ids == ["billing-1", "api-1", "api-2", "api-3", "db-1"]
+    api = [s for s in config.services if s.name == "api"]
+    assert [s.port for s in api] == [8081, 8082, 8083]
+    assert {t for s in api for t in s.tags} == {"primary", "v1", "v2"}
+    assert any(s.meta for s in api)
     assert dict(config.services[-1].ports) == {"metrics": 9187}
     assert config.dns.recursors and config.dns.alt_domains == ("waypost.",)
     services_only = load_config([str(ROOT / "examples/services.hcl")])

@@ -64,7 +64,7 @@ def test_the_example_job_parses() -> None:
     assert (spec.id, group.count, group.network.mode) == ("web", 3, "host")
     assert [p.label for p in group.network.ports] == ["http"]
     check = group.services[0].checks[0]
-    assert (check.kind, check.path, check.interval) == (CheckKind.HTTP, "/", 5.0)
+    assert (check.kind, check.path, check.interval) == (CheckKind.HTTP, "/", 2.0)
 
 
 def test_parse_job_reads_every_implemented_field() -> None:
