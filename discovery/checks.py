@@ -607,7 +607,7 @@ class CheckRunner:
                         check_id,
                         written.status,
                         outcome.status,
-                        outcome.output[:200],
+                        _first_line(outcome.output),
                     )
                 written.written = now
                 self._observe(written, outcome.status, outcome.output)
@@ -684,3 +684,9 @@ class CheckRunner:
         if self._tls is None:
             self._tls = ssl.create_default_context()  # verifies certificates and names
         return self._tls
+
+
+def _first_line(output: str, limit: int = 200) -> str:
+    """A check's output as one log line: its first line, at most `limit` characters."""
+    line = output.split("\n", 1)[0].rstrip()
+    return line[:limit] + ("..." if len(line) > limit or "\n" in output else "")

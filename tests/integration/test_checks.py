@@ -524,6 +524,21 @@ async def test_http_check_in_the_registry(
     await eventually(lambda: target.hits >= 5, "probes every interval")
 
 
+async def test_a_status_change_is_logged_on_one_line(
+    registry: Registry, runner: CheckRunner, target: Target, caplog: pytest.LogCaptureFixture
+) -> None:
+    target.body = "<!DOCTYPE HTML>\n<html>\n<body>a page</body>\n</html>\n"
+    caplog.set_level(logging.INFO, logger="discovery.checks")
+    registry.upsert(instance("web-1", http_check(target.url)))
+    check = await status_becomes(registry, Health.PASSING)
+    assert "\n<html>" in check.output  # the check keeps the whole output
+    (line,) = [r.getMessage() for r in caplog.records if "-> passing" in r.getMessage()]
+    assert line == (
+        f"check 'service:web-1': critical -> passing: HTTP GET {target.url}: 200 OK"
+        " Output: <!DOCTYPE HTML>..."
+    )
+
+
 async def test_output_only_changes_are_written_at_most_every_refresh(
     registry: Registry, target: Target
 ) -> None:
