@@ -52,6 +52,7 @@ bench: bench-deps
 	$(BIN)/python -m tests.bench.http_api
 	$(BIN)/python -m tests.bench.mirror_sync
 	$(BIN)/python -m tests.bench.net_setup
+	$(BIN)/python -m tests.bench.task_start
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
