@@ -55,6 +55,7 @@ import logging
 import os
 import shutil
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -62,9 +63,11 @@ from typing import Protocol
 
 from discovery.allocrunner import AllocRunner, NetworkPort, RunnerContext, initial_states
 from discovery.errors import NotFoundError, StateError, ValidationError, WaypostError
-from discovery.jobs import SOURCE, JobSpec, plan_allocs
+from discovery.jobplan import DESTRUCTIVE, IN_PLACE, Running, UpdatePlan, plan_update
+from discovery.jobplan import STOP as STOP_ACTION
+from discovery.jobs import SOURCE, JobSpec, PlannedAlloc, alloc_name, plan_instances
 from discovery.model import Instance, worst_health
-from discovery.registry import Registry
+from discovery.registry import Registry, Snapshot
 from discovery.tasks import cgroups
 from discovery.tasks import process as proc
 from discovery.tasks.logs import LogNotifier
@@ -115,6 +118,7 @@ class RunResult:
     changed: bool
     index: int
     warnings: tuple[str, ...] = ()
+    plan: UpdatePlan | None = None  # what it did to the allocations (None: unchanged)
 
 
 def keep_check_state(fresh: Instance, old: Instance | None) -> Instance:
@@ -240,6 +244,16 @@ class JobRunner:
         if self._closed:
             raise StateError("the job runner is closed (the agent is stopping)")
 
+    def plan(self, spec: JobSpec) -> tuple[UpdatePlan, Job | None]:
+        """What `run(spec)` would do to the job's allocations, and the job it would replace."""
+        old = self._registry.snapshot.jobs.get(spec.id)
+        current = old if old is not None and not old.stop else None
+        live = [r for r in self._runners.values() if r.alloc.job_id == spec.id]
+        running = [Running(r.id, r.alloc.group, r.alloc.index) for r in live]
+        if current is None:
+            running = []  # a stopped job's allocations are gone: everything is placed
+        return plan_update(current.spec if current else None, running, spec), old
+
     async def run(self, spec: JobSpec) -> RunResult:
         """Run `spec` (see the module docstring).
 
@@ -253,10 +267,15 @@ class JobRunner:
             old = snap.jobs.get(spec.id)
             if old is not None and not old.stop and old.spec == spec:
                 return RunResult(old, False, old.modify_index)
+            plan, _ = self.plan(spec)
             version = 0 if old is None else old.version + 1
-            runners = await self._setup_all(spec, version)
+            runners = await self._setup_all(spec, version, plan)
             job = Job(spec, version, submit_time=time.time_ns())
-            old_runners = [r for r in self._runners.values() if r.alloc.job_id == spec.id]
+            live = {r.id: r for r in self._runners.values() if r.alloc.job_id == spec.id}
+            going = {c.id for c in plan.actions(DESTRUCTIVE) + plan.actions(STOP_ACTION)}
+            old_runners = [r for ident, r in live.items() if ident in going]
+            kept = [live[c.id] for c in plan.actions(IN_PLACE) if c.id in live]
+            updated = {r.id: _updated_in_place(r, spec, version, snap) for r in kept}
             for r in old_runners:
                 r.alloc = replace(r.alloc, desired=STOP, desired_description=UPDATED)
             dropped = [
@@ -266,6 +285,7 @@ class JobRunner:
             ]
             allocations: dict[str, Allocation | None] = {r.id: r.alloc for r in runners}
             allocations.update((r.id, r.alloc) for r in old_runners)
+            allocations.update((ident, u.alloc) for ident, u in updated.items())
             allocations.update((ident, None) for ident in dropped)
             try:
                 await self._store.write_ahead({spec.id: job}, allocations)
@@ -275,12 +295,26 @@ class JobRunner:
                 for error in await _destroy_all(runners, ""):
                     exc.add_note(f"undo failed: {error}")
                 raise
+            removals: list[str] = []
+            for r in kept:  # committed: the kept runners take their new version
+                u = updated[r.id]
+                removals += [i.id for i in r.instances if i.id not in u.instance_ids]
+                r.job, r.group, r.alloc, r.instances = (
+                    spec,
+                    spec.group(r.alloc.group),
+                    u.alloc,
+                    u.instances,
+                )
             published = self._registry.apply(
                 jobs=[job],
                 allocations=[a for a in allocations.values() if a is not None],
                 drop_allocations=dropped,
-                upserts=[i for r in runners for i in r.instances],
+                upserts=[i for r in runners + kept for i in r.instances],
+                removals=removals,
             )
+            if kept:
+                checks = {k: v for r in kept for k, v in r.task_checks().items()}
+                published = self._registry.update_checks(checks)
             self.last_index = published.index
             if self._dead.pop(spec.id, None) is not None:
                 log.warning("dead job %s replaced", spec.id)
@@ -295,30 +329,31 @@ class JobRunner:
                     warnings += await self._retire(old_runners, UPDATED)
                 self._remove_dirs(dropped)
             current = self._registry.snapshot.jobs[spec.id]
-            return RunResult(current, True, published.index, tuple(warnings))
+            return RunResult(current, True, published.index, tuple(warnings), plan)
 
-    async def _setup_all(self, spec: JobSpec, version: int) -> list[AllocRunner]:
-        """A runner per allocation, set up; on any failure every one is undone."""
+    async def _setup_all(self, spec: JobSpec, version: int, plan: UpdatePlan) -> list[AllocRunner]:
+        """A runner per new allocation of `plan`, set up; on any failure every one is undone."""
         now = time.time_ns()
-        plans = plan_allocs(spec) if self._new_id is None else plan_allocs(spec, self._new_id)
+        new_id = self._new_id or (lambda: str(uuid.uuid4()))
         done: list[AllocRunner] = []
         try:
-            for plan in plans:
-                group = spec.group(plan.group)
-                alloc = Allocation(
-                    id=plan.id,
-                    name=plan.name,
-                    job_id=spec.id,
-                    group=plan.group,
-                    index=plan.index,
-                    job_version=version,
-                    tasks=initial_states(group, now),
-                    create_time=now,
-                    modify_time=now,
-                )
-                runner = AllocRunner(self._ctx, spec, alloc)
-                await runner.setup()  # undoes its own hooks when it fails
-                done.append(runner)
+            for group in spec.groups:
+                group_plan = plan.of(group.name)
+                for index in group_plan.new_indexes if group_plan else ():
+                    alloc = Allocation(
+                        id=new_id(),
+                        name=alloc_name(spec.id, group.name, index),
+                        job_id=spec.id,
+                        group=group.name,
+                        index=index,
+                        job_version=version,
+                        tasks=initial_states(group, now),
+                        create_time=now,
+                        modify_time=now,
+                    )
+                    runner = AllocRunner(self._ctx, spec, alloc)
+                    await runner.setup()  # undoes its own hooks when it fails
+                    done.append(runner)
         except BaseException as exc:
             for error in await _destroy_all(done, ""):
                 exc.add_note(f"undo failed: {error}")
@@ -502,6 +537,36 @@ class JobRunner:
                 await network.teardown(net.alloc_id)
             except NetsetupError as exc:
                 log.error("allocation %s could not be torn down: %s", net.alloc_id, exc)
+
+
+@dataclass(frozen=True, slots=True)
+class _InPlace:
+    """A running allocation's record and instances under the job's new version."""
+
+    alloc: Allocation
+    instances: tuple[Instance, ...]
+
+    @property
+    def instance_ids(self) -> set[str]:
+        return {i.id for i in self.instances}
+
+
+def _updated_in_place(runner: AllocRunner, spec: JobSpec, version: int, snap: Snapshot) -> _InPlace:
+    """`runner`'s allocation under `spec` (same id, ports, network and processes).
+
+    Error handling: ValidationError when a service of the new version cannot be
+    placed on the allocation (nothing is changed then: this is computed first).
+    """
+    group = spec.group(runner.alloc.group)
+    network = runner.alloc.network
+    if network is None:
+        raise ValidationError("Job", f"allocation {runner.id} has no network")
+    a = runner.alloc
+    planned = PlannedAlloc(a.id, a.name, a.job_id, a.group, a.index, group.network)
+    fresh = plan_instances(planned, group, network, runner.ctx.node)
+    kept = tuple(keep_check_state(i, snap.instances.get(i.id)) for i in fresh)
+    alloc = replace(a, job_version=version, modify_time=time.time_ns())
+    return _InPlace(alloc, kept)
 
 
 def _failed_record(alloc: Allocation, exc: Exception) -> Allocation:

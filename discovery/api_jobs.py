@@ -8,6 +8,12 @@
     GET    /v1/job/:id/summary      Nomad's JobSummary (allocations per group and status)
     DELETE /v1/job/:id              deregister: services out, tasks stopped, network down;
                                     the job stays listed as dead (Stop), `?purge=true` forgets it
+    POST   /v1/job/:id/plan         what registering the job would do, allocation by
+                                    allocation (discovery.jobplan), changing nothing
+    GET    /v1/job/:id/evaluations  the job's evaluations (one per register and deregister)
+    GET    /v1/evaluation/:id       one evaluation (the EvalID of a register or deregister)
+    GET    /v1/evaluations          every evaluation                ?prefix=
+    GET    /v1/regions              ["global"]
     GET    /v1/allocations          [AllocListStub]               ?prefix=
     GET    /v1/allocation/:id       the allocation: Nomad's TaskStates, AllocatedResources
                                     (ports with Label, Value, To, HostIP), NetworkStatus,
@@ -18,6 +24,11 @@ Every read is a function of one registry snapshot and a blocking query
 (`?index=&wait=`, X-Nomad-Index) that wakes when what it shows changes: a job
 read on that job and its allocations (discovery.workload.job_key), a list on
 any job or allocation, an allocation read on that allocation.
+
+Evaluations are Nomad's record of a scheduling decision: here each one is
+complete as soon as it is made (the register or deregister ran), `TriggeredBy`
+job-register or job-deregister.  They are kept in memory, the last
+:data:`MAX_EVALS`, as Nomad garbage-collects them: an agent restart forgets them.
 
 Writes need a write token when ACLs are on.  Bad input is a 400 naming the JSON
 path (`Job.TaskGroups[0].Count`), an unknown id a 404, a port or address that
@@ -30,6 +41,9 @@ reason in StatusDescription; DELETE forgets it.
 from __future__ import annotations
 
 import json
+import time
+import uuid
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
@@ -38,7 +52,8 @@ from discovery.allocations import JobFailed, JobRunner
 from discovery.api import ApiContext, ApiError, ApiRequest, ApiResponse, Route
 from discovery.api_consul_node import node_id
 from discovery.errors import NotFoundError, StateError, ValidationError
-from discovery.jobs import NAMESPACE, parse_job, render_job
+from discovery.jobplan import render_plan
+from discovery.jobs import NAMESPACE, JobSpec, parse_job, render_job
 from discovery.registry import Snapshot
 from discovery.tasks.state import render_task_state
 from discovery.workload import (
@@ -57,6 +72,8 @@ Json = dict[str, Any]
 CONFLICT = 409  # a port or an address is taken
 FAILED = 500
 PRIORITY = 50  # Nomad's default job priority
+MAX_EVALS = 1000  # evaluations kept (the oldest go first)
+REGION = "global"
 MIN_PREFIX = 2  # an allocation id prefix shorter than this names nothing (Nomad's CLI rule)
 _DESCRIPTIONS = {
     "pending": "No tasks have started",
@@ -246,14 +263,64 @@ def _prefixed(items: Mapping[str, Any], req: ApiRequest) -> list[str]:
 def routes(runner: JobRunner, node: str, datacenter: str = "dc1") -> tuple[Route, ...]:
     """The job and allocation routes around `runner`; `node` names this agent's node."""
 
-    async def register(req: ApiRequest, _ctx: ApiContext) -> ApiResponse:
+    evals: OrderedDict[str, Json] = OrderedDict()
+    eval_allocs: dict[str, tuple[str, ...]] = {}  # eval id -> the allocations it placed or stopped
+
+    def new_eval(
+        job_id: str, trigger: str, index: int, job_modify_index: int, allocs: tuple[str, ...]
+    ) -> str:
+        now = time.time_ns()
+        ident = str(uuid.uuid4())
+        evals[ident] = {
+            "ID": ident,
+            "Namespace": NAMESPACE,
+            "Priority": PRIORITY,
+            "Type": "service",
+            "TriggeredBy": trigger,
+            "JobID": job_id,
+            "JobModifyIndex": job_modify_index,
+            "NodeID": "",
+            "NodeModifyIndex": 0,
+            "DeploymentID": "",
+            "Status": "complete",
+            "StatusDescription": "",
+            "Wait": 0,
+            "WaitUntil": "0001-01-01T00:00:00Z",
+            "NextEval": "",
+            "PreviousEval": "",
+            "BlockedEval": "",
+            "FailedTGAllocs": None,
+            "QueuedAllocations": {},
+            "SnapshotIndex": index,
+            "CreateIndex": index,
+            "ModifyIndex": index,
+            "CreateTime": now,
+            "ModifyTime": now,
+        }
+        eval_allocs[ident] = allocs
+        while len(evals) > MAX_EVALS:
+            gone, _ = evals.popitem(last=False)
+            eval_allocs.pop(gone, None)
+        return ident
+
+    def parse_body(req: ApiRequest, *, plan: bool = False) -> tuple[JobSpec, bool]:
+        body = _decode(req.body)
+        diff = False
+        if plan and isinstance(body, dict):
+            body = dict(body)
+            diff = bool(body.pop("Diff", False))
+            body.pop("PolicyOverride", None)
         try:
-            spec = parse_job(_decode(req.body))
+            spec = parse_job(body)
         except ValidationError as err:
             raise ApiError.invalid(err) from None
         wanted = req.params.get("id")
         if wanted is not None and wanted != spec.id:
             raise ApiError(400, f"Job ID {spec.id!r} does not match the URL's {wanted!r}", "Job.ID")
+        return spec, diff
+
+    async def register(req: ApiRequest, ctx: ApiContext) -> ApiResponse:
+        spec, _ = parse_body(req)
         try:
             result = await runner.run(spec)
         except JobFailed as err:
@@ -263,16 +330,68 @@ def routes(runner: JobRunner, node: str, datacenter: str = "dc1") -> tuple[Route
         except StateError as err:  # the records were not written: nothing is applied
             raise ApiError(FAILED, f"job {spec.id!r} not run, nothing applied: {err}", "") from None
         index = result.index
+        job_index = result.job.job_modify_index
+        warnings = [*getattr(spec, "warnings", ()), *result.warnings]
+        if not result.changed:
+            warnings.append("job unchanged")
+        version = result.job.version
+        touched = tuple(
+            a.id
+            for a in allocs_of(ctx.registry.snapshot.allocations, spec.id)
+            if a.job_version == version and not a.terminal
+        )
         body = {
-            "EvalID": "",
+            "EvalID": new_eval(spec.id, "job-register", index, job_index, touched),
             "EvalCreateIndex": index,
-            "JobModifyIndex": result.job.job_modify_index,
-            "Warnings": "; ".join(result.warnings) if result.changed else "job unchanged",
+            "JobModifyIndex": job_index,
+            "Warnings": "; ".join(warnings),
             "Index": index,
             "LastContact": 0,
             "KnownLeader": True,
         }
         return ApiResponse(body, index=index)
+
+    def plan_job(req: ApiRequest, snap: Snapshot) -> ApiResponse:
+        spec, diff = parse_body(req, plan=True)
+        plan, old = runner.plan(spec)
+        current = old.spec if old is not None and not old.stop else None
+        body = render_plan(
+            plan,
+            current,
+            spec,
+            job_modify_index=old.job_modify_index if old is not None else 0,
+            diff=diff,
+            warnings=list(getattr(spec, "warnings", ())),
+        )
+        body["Index"] = snap.index
+        return ApiResponse(body)
+
+    async def plan_write(req: ApiRequest, ctx: ApiContext) -> ApiResponse:
+        return plan_job(req, ctx.registry.snapshot)
+
+    def list_evals(req: ApiRequest, _snap: Snapshot) -> ApiResponse:
+        return ApiResponse([evals[k] for k in evals if k.startswith(req.arg("prefix") or "")])
+
+    def job_evals(req: ApiRequest, snap: Snapshot) -> ApiResponse:
+        _job(req, snap)
+        job_id = req.params["id"]
+        return ApiResponse([e for e in reversed(evals.values()) if e["JobID"] == job_id])
+
+    def get_eval(req: ApiRequest, _snap: Snapshot) -> ApiResponse:
+        found = evals.get(req.params["id"])
+        if found is None:
+            raise ApiError(404, "eval not found", "id")
+        return ApiResponse(found)
+
+    def eval_allocations(req: ApiRequest, snap: Snapshot) -> ApiResponse:
+        ident = req.params["id"]
+        if ident not in evals:
+            raise ApiError(404, "eval not found", "id")
+        found = [snap.allocations.get(a) for a in eval_allocs.get(ident, ())]
+        return ApiResponse([render_alloc_stub(a, node) for a in found if a is not None])
+
+    def regions(_req: ApiRequest, _snap: Snapshot) -> ApiResponse:
+        return ApiResponse([REGION])
 
     def list_jobs(req: ApiRequest, snap: Snapshot) -> ApiResponse:
         stubs = {k: render_job_stub(job, snap, datacenter) for k, job in snap.jobs.items()}
@@ -317,7 +436,13 @@ def routes(runner: JobRunner, node: str, datacenter: str = "dc1") -> tuple[Route
         except StateError as err:  # the records were not written: nothing is changed
             raise ApiError(FAILED, f"job not stopped, nothing changed: {err}", "") from None
         index = ctx.registry.snapshot.index
-        body: Json = {"EvalID": "", "EvalCreateIndex": index, "JobModifyIndex": index}
+        ident = req.params["id"]
+        stopped = tuple(a.id for a in allocs_of(ctx.registry.snapshot.allocations, ident))
+        body: Json = {
+            "EvalID": new_eval(ident, "job-deregister", index, index, stopped),
+            "EvalCreateIndex": index,
+            "JobModifyIndex": index,
+        }
         if errors:
             body["Warnings"] = "; ".join(errors)
         return ApiResponse(body, index=index)
@@ -354,6 +479,19 @@ def routes(runner: JobRunner, node: str, datacenter: str = "dc1") -> tuple[Route
         Route("GET", "/v1/job/{id}/allocations", Access.READ, read=job_allocs, watch=on_job),
         Route("GET", "/v1/job/{id}/summary", Access.READ, read=job_summary, watch=on_job),
         Route("DELETE", "/v1/job/{id}", Access.WRITE, write=deregister),
+        Route("POST", "/v1/job/{id}/plan", Access.WRITE, write=plan_write),
+        Route("PUT", "/v1/job/{id}/plan", Access.WRITE, write=plan_write),
+        Route("GET", "/v1/job/{id}/evaluations", Access.READ, read=job_evals, watch=on_job),
+        Route("GET", "/v1/evaluations", Access.READ, read=list_evals, watch=on_jobs),
+        Route("GET", "/v1/evaluation/{id}", Access.READ, read=get_eval, watch=on_jobs),
+        Route(
+            "GET",
+            "/v1/evaluation/{id}/allocations",
+            Access.READ,
+            read=eval_allocations,
+            watch=on_allocs,
+        ),
+        Route("GET", "/v1/regions", Access.READ, read=regions),
         Route("GET", "/v1/allocations", Access.READ, read=list_allocs, watch=on_allocs),
         Route("GET", "/v1/allocation/{id}", Access.READ, read=get_alloc, watch=on_alloc),
     )

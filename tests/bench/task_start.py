@@ -21,8 +21,8 @@ The task of both sides is the same tiny Python TCP server (`python -S`).
   The first job after the agent's start also loads netsetup: it is timed apart.
 - **exit**: a job of one task restarted by its policy (delay 200 ms); its process is
   SIGKILLed and the time until DNS stops answering for it is measured, `--exits` times.
-- **memory**: the agent's RSS (VmRSS) before any job and with N tasks running (the
-  largest count, host mode), per task.
+- **memory**: the agent's RSS (VmRSS) with no job running (after the runs above, so
+  warm) and with N tasks running (the largest count, host mode): the cost per task.
 
 Targets (PASS/FAIL): one bridge allocation <= 150 ms, 50 <= 3 s; task exit -> out of
 DNS <= 100 ms; agent memory per running task <= 200 KiB.  Everything this run made is

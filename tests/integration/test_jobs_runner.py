@@ -363,14 +363,18 @@ async def test_the_same_spec_again_is_a_no_op(world: World) -> None:
     assert pids(world.registry) == task_pids
 
 
-async def test_a_changed_spec_replaces_new_first_then_old_down(world: World) -> None:
+async def test_a_destructive_change_replaces_new_first_then_old_down(world: World) -> None:
     jobs = world.runner()
     await jobs.run(spec(tag="v1"))
     old_pids = await running(world.registry)
     old_ids = {a.id for a in allocs(world.registry)}
-    result = await jobs.run(spec(tag="v2", count=2))
+    # Another command: destructive (the running processes were started with the old one).
+    result = await jobs.run(spec(tag="v2", count=2, command=["sleep", "301"]))
     assert result.changed and result.job.version == 1
+    assert result.plan is not None and len(result.plan.actions("destructive update")) == 2
+    assert len(result.plan.actions("stop")) == 1  # index 2: past the new count
     new = [a for a in allocs(world.registry) if a.job_version == 1]
+    assert sorted(a.index for a in new) == [0, 1]
     assert set(world.net.allocs) == {a.id for a in new}
     first_teardown = next(i for i, c in enumerate(world.net.calls) if c[0] == "teardown")
     assert all(c[0] == "setup" for c in world.net.calls[:first_teardown])  # up before down
@@ -383,6 +387,47 @@ async def test_a_changed_spec_replaces_new_first_then_old_down(world: World) -> 
     await running(world.registry, count=2)
 
 
+async def test_a_service_change_is_applied_in_place(world: World) -> None:
+    jobs = world.runner()
+    await jobs.run(spec(tag="v1"))
+    task_pids = await running(world.registry)
+    before = {a.id: a for a in allocs(world.registry)}
+    ports = {i.id: i.port for i in world.registry.snapshot.service("web")}
+    calls = len(world.net.calls)
+    result = await jobs.run(spec(tag="v2"))
+    assert result.changed and result.job.version == 1
+    assert result.plan is not None and len(result.plan.actions("in-place update")) == 3
+    assert len(world.net.calls) == calls  # no network set up or torn down
+    after = {a.id: a for a in allocs(world.registry)}
+    assert set(after) == set(before)  # the same allocations
+    assert {a.job_version for a in after.values()} == {1}
+    assert pids(world.registry) == task_pids and all(alive(p) for p in task_pids)
+    served = world.registry.snapshot.service("web")
+    assert {i.id: i.port for i in served} == ports
+    assert [i.tags for i in served] == [("v2",)] * 3
+    assert all(i.health.value == "passing" for i in served)  # the task checks kept
+
+
+async def test_count_up_adds_and_count_down_stops_the_highest_indexes(world: World) -> None:
+    jobs = world.runner()
+    await jobs.run(spec(count=2))
+    first = await running(world.registry, count=2)
+    ids = {a.index: a.id for a in allocs(world.registry)}
+    up = await jobs.run(spec(count=4))
+    assert up.plan is not None and [g.place for g in up.plan.groups] == [(2, 3)]
+    await running(world.registry, count=4)
+    live = {a.index: a.id for a in allocs(world.registry) if a.desired == "run"}
+    assert sorted(live) == [0, 1, 2, 3] and {live[0], live[1]} == {ids[0], ids[1]}
+    assert all(alive(p) for p in first)
+    down = await jobs.run(spec(count=1))
+    assert down.plan is not None
+    assert sorted(c.index for c in down.plan.actions("stop")) == [1, 2, 3]
+    live = {a.index: a.id for a in allocs(world.registry) if a.desired == "run"}
+    assert live == {0: ids[0]}
+    assert len(world.registry.snapshot.service("web")) == 1
+    await running(world.registry, count=1)
+
+
 async def test_a_failing_replacement_leaves_the_running_version(world: World) -> None:
     jobs = world.runner()
     await jobs.run(spec(tag="v1"))
@@ -390,7 +435,7 @@ async def test_a_failing_replacement_leaves_the_running_version(world: World) ->
     before = world.registry.snapshot.instances
     world.net.fail_setups = {5}  # the second setup of the new version
     with pytest.raises(JobFailed):
-        await jobs.run(spec(tag="v2"))
+        await jobs.run(spec(tag="v2", command=["sleep", "301"]))
     assert world.registry.snapshot.jobs["web"].version == 0
     assert world.registry.snapshot.instances == before
     assert len(world.net.allocs) == 3 and pids(world.registry) == old_pids

@@ -1,0 +1,164 @@
+"""Job updates through the agent, as Nomad makes them: in place, destructive, scaled; the plan.
+
+In-process agents (tests.integration.test_jobs_agent's `running`), host mode on
+127.0.0.1, real task processes (python http.servers), read with aiohttp and
+with python-nomad.  Each test ends with its jobs purged and no task process
+left (conftest's `no_task_left`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import random
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import nomad
+
+from tests.integration.test_jobs_agent import (
+    TIMEOUT,
+    agent_config,
+    eventually,
+    request,
+    running,
+    srv,
+    url,
+)
+from tests.integration.test_tasks_agent import leaders, server_job
+
+
+async def serving(agent: Any, http: aiohttp.ClientSession, job_id: str, n: int) -> list[Any]:
+    """Wait for `n` allocations of `job_id` running and in DNS; their stubs."""
+
+    async def ready() -> list[Any] | None:
+        _, stubs = await request(http, "GET", url(agent, f"/v1/job/{job_id}/allocations"))
+        live = [s for s in stubs if s["DesiredStatus"] == "run" and s["ClientStatus"] == "running"]
+        _, ports = await srv(agent, f"{job_id}.service.nomad")
+        return live if len(live) == n and len(ports) == n else None
+
+    found: list[Any] = await eventually(ready, f"{n} allocations of {job_id} serving")
+    return found
+
+
+async def ports_of(agent: Any, http: aiohttp.ClientSession, stubs: list[Any]) -> dict[str, int]:
+    out = {}
+    for stub in stubs:
+        _, alloc = await request(http, "GET", url(agent, f"/v1/allocation/{stub['ID']}"))
+        out[stub["ID"]] = alloc["AllocatedResources"]["Shared"]["Ports"][0]["Value"]
+    return out
+
+
+def with_tags(job: dict[str, Any], *tags: str) -> dict[str, Any]:
+    out = copy.deepcopy(job)
+    out["Job"]["TaskGroups"][0]["Services"][0]["Tags"] = list(tags)
+    return out
+
+
+async def test_a_tag_change_is_in_place_and_a_command_change_replaces_new_first(
+    tmp_path: Path,
+) -> None:
+    job = server_job("up", count=2)
+    async with running(agent_config(tmp_path), [job]) as agent, aiohttp.ClientSession() as http:
+        before = await serving(agent, http, "up", 2)
+        ids = {s["ID"] for s in before}
+        ports = await ports_of(agent, http, before)
+        pids = leaders(tmp_path)
+
+        # The plan first: it says what would happen and changes nothing.
+        status, plan = await request(
+            http, "POST", url(agent, "/v1/job/up/plan"), json={**with_tags(job, "v2"), "Diff": True}
+        )
+        assert status == 200, plan
+        assert plan["Annotations"]["DesiredTGUpdates"]["web"]["InPlaceUpdate"] == 2
+        assert plan["Annotations"]["DesiredTGUpdates"]["web"]["DestructiveUpdate"] == 0
+        assert {a["ID"] for a in plan["Allocations"]} == ids
+        assert {a["Action"] for a in plan["Allocations"]} == {"in-place update"}
+        assert plan["Diff"]["Type"] == "Edited"
+        _, version = await request(http, "GET", url(agent, "/v1/job/up"))
+        assert version["Version"] == 0
+
+        status, body = await request(
+            http, "POST", url(agent, "/v1/jobs"), json=with_tags(job, "v2")
+        )
+        assert status == 200, body
+        after = await serving(agent, http, "up", 2)
+        assert {s["ID"] for s in after} == ids  # the same allocations
+        assert {s["JobVersion"] for s in after} == {1}
+        assert await ports_of(agent, http, after) == ports
+        assert leaders(tmp_path) == pids  # the same processes
+        _, tagged = await request(http, "GET", url(agent, "/v1/catalog/service/up"))
+        assert [s["ServiceTags"] for s in tagged] == [["v2"], ["v2"]]
+
+        changed = copy.deepcopy(job)
+        changed["Job"]["TaskGroups"][0]["Tasks"][0]["Env"]["EXTRA"] = "1"
+        status, plan = await request(http, "POST", url(agent, "/v1/job/up/plan"), json=changed)
+        assert plan["Annotations"]["DesiredTGUpdates"]["web"]["DestructiveUpdate"] == 2
+        assert plan["DestructiveReasons"]["web"] == ["task 'server': env"]
+        status, body = await request(http, "POST", url(agent, "/v1/jobs"), json=changed)
+        assert status == 200, body
+        replaced = await serving(agent, http, "up", 2)
+        assert not {s["ID"] for s in replaced} & ids
+        assert sorted(s["Name"] for s in replaced) == ["up.web[0]", "up.web[1]"]
+        assert not leaders(tmp_path) & pids
+        _, listed = await request(http, "GET", url(agent, "/v1/job/up/allocations"))
+        old = [s for s in listed if s["ID"] in ids]
+        assert {(s["DesiredStatus"], s["ClientStatus"]) for s in old} == {("stop", "complete")}
+        await request(http, "DELETE", url(agent, "/v1/job/up?purge=true"))
+
+
+async def test_scaling_up_with_one_free_port_and_down_to_the_lowest_index(tmp_path: Path) -> None:
+    # Two ports in the dynamic range: 1 -> 2 fits only if the running one stays.  Below
+    # the ephemeral range, used by no other test, and a new pair each run (a port that
+    # served within the last minute has TIME_WAIT sockets, which dynamic selection skips).
+    low = 31000 + random.randrange(0, 900, 2)
+    config = agent_config(tmp_path, client={"min_dynamic_port": low, "max_dynamic_port": low + 1})
+    job = server_job("sc", count=1)
+    async with running(config, [job]) as agent, aiohttp.ClientSession() as http:
+        (first,) = await serving(agent, http, "sc", 1)
+        two = copy.deepcopy(job)
+        two["Job"]["TaskGroups"][0]["Count"] = 2
+        status, body = await request(http, "POST", url(agent, "/v1/jobs"), json=two)
+        assert status == 200, body
+        both = await serving(agent, http, "sc", 2)
+        assert first["ID"] in {s["ID"] for s in both}
+        assert sorted(s["Name"] for s in both) == ["sc.web[0]", "sc.web[1]"]
+        status, body = await request(http, "POST", url(agent, "/v1/jobs"), json=job)
+        assert status == 200, body
+        (left,) = await serving(agent, http, "sc", 1)
+        assert left["ID"] == first["ID"] and left["Name"] == "sc.web[0]"
+        await request(http, "DELETE", url(agent, "/v1/job/sc?purge=true"))
+
+
+async def test_python_nomad_registers_plans_and_reads_evaluations(tmp_path: Path) -> None:
+    async with running(agent_config(tmp_path), []) as agent, aiohttp.ClientSession() as http:
+        ep = agent.http_endpoint
+        client = nomad.Nomad(host=ep.host, port=ep.port, timeout=TIMEOUT)
+        job = server_job("pyn", count=1)
+
+        registered = await asyncio.to_thread(client.job.register_job, "pyn", job)
+        assert registered["EvalID"]
+        await serving(agent, http, "pyn", 1)
+        evaluation = await asyncio.to_thread(client.evaluation.get_evaluation, registered["EvalID"])
+        assert evaluation["JobID"] == "pyn" and evaluation["Status"] == "complete"
+        assert evaluation["TriggeredBy"] == "job-register"
+        placed = await asyncio.to_thread(client.evaluation.get_allocations, registered["EvalID"])
+        assert [a["Name"] for a in placed] == ["pyn.web[0]"]
+        plan = await asyncio.to_thread(client.job.plan_job, "pyn", with_tags(job, "x"), True)
+        assert plan["Annotations"]["DesiredTGUpdates"]["web"]["InPlaceUpdate"] == 1
+        summary = await asyncio.to_thread(client.job.get_summary, "pyn")
+        assert summary["Summary"]["web"]["Running"] == 1
+        assert await asyncio.to_thread(client.regions.get_regions) == ["global"]
+        assert [j["ID"] for j in await asyncio.to_thread(client.jobs.get_jobs, "py")] == ["pyn"]
+        assert await asyncio.to_thread(client.jobs.get_jobs, "zz") == []
+        alloc_id = placed[0]["ID"]
+        found = await asyncio.to_thread(client.allocations.get_allocations, alloc_id[:6])
+        assert [a["ID"] for a in found] == [alloc_id]
+
+        evals = await asyncio.to_thread(client.job.get_evaluations, "pyn")
+        assert [e["ID"] for e in evals] == [registered["EvalID"]]  # a plan makes none
+        stopped = await asyncio.to_thread(client.job.deregister_job, "pyn", True)
+        assert stopped["EvalID"] and stopped["EvalID"] != registered["EvalID"]
+        gone = await asyncio.to_thread(client.evaluation.get_evaluation, stopped["EvalID"])
+        assert gone["TriggeredBy"] == "job-deregister"
