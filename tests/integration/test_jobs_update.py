@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import os
 import random
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -162,3 +164,30 @@ async def test_python_nomad_registers_plans_and_reads_evaluations(tmp_path: Path
         assert stopped["EvalID"] and stopped["EvalID"] != registered["EvalID"]
         gone = await asyncio.to_thread(client.evaluation.get_evaluation, stopped["EvalID"])
         assert gone["TriggeredBy"] == "job-deregister"
+
+
+async def test_a_task_level_service_follows_its_task(tmp_path: Path) -> None:
+    # Nomad's usual style: the service block inside the task.  Two tasks: the service
+    # is the server's, so it leaves DNS when the server dies, not when the other does.
+    job = server_job("ts", count=1, Attempts=1, Interval="10m", Delay="30s", Mode="fail")
+    group = job["Job"]["TaskGroups"][0]
+    group["Tasks"][0]["Services"] = group.pop("Services")
+    group["Tasks"].append(
+        {"Name": "side", "Driver": "raw_exec", "Config": {"command": "sleep", "args": ["300"]}}
+    )
+    async with running(agent_config(tmp_path), [job]) as agent, aiohttp.ClientSession() as http:
+        (stub,) = await serving(agent, http, "ts", 1)
+        _, alloc = await request(http, "GET", url(agent, f"/v1/allocation/{stub['ID']}"))
+        assert alloc["Services"] == [
+            f"_nomad-task-{stub['ID']}-server-ts-http"
+        ]  # Nomad's id of a task's service
+        os.kill(alloc["TaskStates"]["server"]["Pid"], signal.SIGKILL)
+
+        async def gone() -> bool:
+            _, ports = await srv(agent, "ts.service.nomad")
+            return not ports
+
+        assert await eventually(gone, "the task's service out of DNS")
+        _, alloc = await request(http, "GET", url(agent, f"/v1/allocation/{stub['ID']}"))
+        assert alloc["TaskStates"]["side"]["State"] == "running"
+        await request(http, "DELETE", url(agent, "/v1/job/ts?purge=true"))
