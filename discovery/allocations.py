@@ -269,13 +269,14 @@ class JobRunner:
                 return RunResult(old, False, old.modify_index)
             plan, _ = self.plan(spec)
             version = 0 if old is None else old.version + 1
-            runners = await self._setup_all(spec, version, plan)
-            job = Job(spec, version, submit_time=time.time_ns())
             live = {r.id: r for r in self._runners.values() if r.alloc.job_id == spec.id}
             going = {c.id for c in plan.actions(DESTRUCTIVE) + plan.actions(STOP_ACTION)}
             old_runners = [r for ident, r in live.items() if ident in going]
             kept = [live[c.id] for c in plan.actions(IN_PLACE) if c.id in live]
+            # Before anything is set up: a service that cannot be placed changes nothing.
             updated = {r.id: _updated_in_place(r, spec, version, snap) for r in kept}
+            runners = await self._setup_all(spec, version, plan)
+            job = Job(spec, version, submit_time=time.time_ns())
             for r in old_runners:
                 r.alloc = replace(r.alloc, desired=STOP, desired_description=UPDATED)
             dropped = [
