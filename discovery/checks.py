@@ -17,7 +17,10 @@ are pure.
 Consul's agent is the reference (agent/checks/check.go): any 2xx is passing,
 429 warning, anything else (or no answer within the timeout) critical;
 outputs "HTTP GET <url>: 200 OK Output: <body>", "TCP connect <addr>: Success"
-and "TTL expired"; a TTL check is critical until its first update.
+and "TTL expired"; a TTL check is critical until its first update.  As in
+Consul, an HTTP or TCP check runs at most every second (:data:`MIN_INTERVAL`: a
+shorter interval is raised to it, with a warning), and outputs are bounded
+(:data:`MAX_BODY` bytes of an HTTP body, notes at MAX_OUTPUT).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ MAX_HEAD_LINE = 8192  # longest status or header line read (also the stream buff
 MAX_HEADERS = 100  # header lines read before giving up on a response
 MAX_REDIRECTS = 10  # Go's http.Client, which Consul's HTTP checks use, follows 10
 REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
+MIN_INTERVAL = 1.0  # seconds: Consul's checks.MinInterval; a shorter interval is raised to it
 MAX_STAGGER = 1.0  # seconds: a new check first runs within this (or its interval)
 MAX_IN_FLIGHT = 256  # probes at once; more checks wait for a slot (sockets, CPU)
 # Consul's check_update_interval: an output-only change (same status) of a
@@ -367,8 +371,11 @@ class CheckRunner:
         max_in_flight: int = MAX_IN_FLIGHT,
         stagger: float = MAX_STAGGER,
         output_refresh: float = OUTPUT_REFRESH,
+        min_interval: float = MIN_INTERVAL,
     ) -> None:
+        """`min_interval`: HTTP and TCP checks run at most this often (Consul's 1s)."""
         self.registry = registry
+        self._min_interval = min_interval
         self._stagger = stagger
         self._output_refresh = output_refresh
         self._slots = asyncio.Semaphore(max_in_flight)
@@ -662,7 +669,16 @@ class CheckRunner:
         anything unexpected is logged and the loop goes on at the next interval.
         Only cancellation (instance removed, check changed, close) ends it.
         """
-        await asyncio.sleep(random.uniform(0, min(run.check.interval, self._stagger)))
+        interval = run.check.interval
+        if interval < self._min_interval:
+            log.warning(
+                "check %r has interval below minimum of %s; it runs every %s",
+                run.check.id,
+                format_duration(self._min_interval),
+                format_duration(self._min_interval),
+            )
+            interval = self._min_interval
+        await asyncio.sleep(random.uniform(0, min(interval, self._stagger)))
         while True:
             try:
                 async with self._slots:
@@ -670,7 +686,7 @@ class CheckRunner:
                 self._write(run, outcome)
             except Exception:
                 log.exception("check %r: unexpected error; trying again", run.check.id)
-            await asyncio.sleep(run.check.interval)
+            await asyncio.sleep(interval)
 
     async def _probe(self, check: Check) -> Outcome:
         if check.kind is CheckKind.HTTP:

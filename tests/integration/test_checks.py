@@ -337,7 +337,7 @@ def registry() -> Registry:
 
 @pytest.fixture
 async def runner(registry: Registry) -> AsyncIterator[CheckRunner]:
-    runner = CheckRunner(registry, stagger=0.01)
+    runner = CheckRunner(registry, min_interval=0.0, stagger=0.01)
     runner.start()
     yield runner
     await runner.close()
@@ -484,7 +484,7 @@ async def test_ttl_update_errors(registry: Registry, runner: CheckRunner, target
 
 async def test_ttl_update_before_start_is_recorded(registry: Registry) -> None:
     registry.upsert(instance("web-1", ttl_check(ttl=5.0)))
-    runner = CheckRunner(registry)
+    runner = CheckRunner(registry, min_interval=0.0)
     runner.ttl_update("service:web-1", Health.PASSING, "early")
     assert (state(registry).status, state(registry).output) == (Health.PASSING, "early")
     await runner.close()
@@ -542,7 +542,7 @@ async def test_a_status_change_is_logged_on_one_line(
 async def test_output_only_changes_are_written_at_most_every_refresh(
     registry: Registry, target: Target
 ) -> None:
-    runner = CheckRunner(registry, stagger=0.01, output_refresh=1.0)
+    runner = CheckRunner(registry, min_interval=0.0, stagger=0.01, output_refresh=1.0)
     runner.start()
     try:
         registry.upsert(instance("web-1", http_check(target.url)))
@@ -861,7 +861,7 @@ async def test_config_instances_are_checked_too(
         instance("web-1", tcp_check(f"127.0.0.1:{listener}"), source="config"),
         instance("web-2", tcp_check(f"127.0.0.1:{closed_port}", "c2"), source="config"),
     )
-    runner = CheckRunner(registry, stagger=0.01)
+    runner = CheckRunner(registry, min_interval=0.0, stagger=0.01)
     runner.start()
     try:
         await status_becomes(registry, Health.PASSING)
@@ -899,7 +899,7 @@ async def test_unexpected_probe_error_does_not_stop_the_runner(
 
 async def test_probes_in_flight_are_bounded(registry: Registry, make_raw: MakeRaw) -> None:
     silent = await make_raw(None)
-    runner = CheckRunner(registry, max_in_flight=3, stagger=0.01)
+    runner = CheckRunner(registry, min_interval=0.0, max_in_flight=3, stagger=0.01)
     runner.start()
     try:
         registry.upsert(
@@ -923,7 +923,9 @@ async def test_results_arriving_together_are_one_registry_change(
           for n in range(count))
     )  # fmt: skip
     index = registry.snapshot.index
-    runner = CheckRunner(registry, stagger=0.0)  # every first probe at once: all refused
+    runner = CheckRunner(
+        registry, min_interval=0.0, stagger=0.0
+    )  # every first probe at once: all refused
     runner.start()
     try:
         await eventually(
@@ -935,7 +937,7 @@ async def test_results_arriving_together_are_one_registry_change(
 
 
 async def test_many_checks(registry: Registry, listener: int) -> None:
-    runner = CheckRunner(registry, stagger=0.2)
+    runner = CheckRunner(registry, min_interval=0.0, stagger=0.2)
     runner.start()
     try:
         registry.upsert(
@@ -962,7 +964,7 @@ async def test_close_leaves_no_tasks(
         instance("web-3", tcp_check(f"127.0.0.1:{listener}", "c3")),
         instance("web-4", ttl_check("c4", ttl=0.2, deregister_after=0.1)),
     )
-    runner = CheckRunner(registry, stagger=0.01)
+    runner = CheckRunner(registry, min_interval=0.0, stagger=0.01)
     runner.start()
     await eventually(lambda: silent.open_now == 1 and target.hits >= 1, "probes running")
     runner.ttl_update("c4", Health.PASSING, "")  # expires in 0.2 s, then reaped 0.1 s later
@@ -975,3 +977,19 @@ async def test_close_leaves_no_tasks(
     assert registry.snapshot.index == index
     assert "web-4" in registry.snapshot.instances
     await eventually(lambda: silent.open_now == 0, "the in-flight probe's connection closed")
+
+
+async def test_an_interval_below_a_second_is_raised_to_it(
+    registry: Registry, target: Target, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="discovery.checks")
+    runner = CheckRunner(registry, stagger=0.01)  # Consul's minimum: 1 s
+    runner.start()
+    try:
+        registry.upsert(instance("web-1", http_check(target.url, interval=0.001)))
+        await status_becomes(registry, Health.PASSING)
+        await asyncio.sleep(1.5)
+        assert 1 <= target.hits <= 3  # not hundreds: once a second at most
+        assert any("below minimum of 1s" in r.getMessage() for r in caplog.records)
+    finally:
+        await runner.close()
