@@ -20,7 +20,7 @@ $(STAMP): $(RUN_STAMP)
 
 ## run: start the agent with the example services and the example job (host mode: no root needed)
 run: $(RUN_STAMP)
-	$(BIN)/waypost agent --dev --config examples/services.hcl --job examples/web.job.json
+	$(BIN)/waypost agent --dev --config examples/services.hcl --job examples/web.nomad.hcl
 
 ## test: install what the tests need (apt packages when root), then every check
 test: system-deps $(STAMP)

@@ -36,7 +36,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from discovery import api_consul, api_jobs, api_nomad, api_waypost
+from discovery import api_consul, api_jobs, api_jobspec, api_nomad, api_waypost
 from discovery.allocations import JobFailed, JobRunner
 from discovery.api import ApiContext
 from discovery.api_logs import logs_route
@@ -48,7 +48,7 @@ from discovery.errors import StateError, WaypostError
 from discovery.events import EventLog
 from discovery.httpapi import HttpServer, HttpStats, StreamRoute, start_http
 from discovery.metrics import MetricsSources
-from discovery.netbridge import LazyNetwork
+from discovery.netbridge import BridgeDns, LazyNetwork, bridge_exists
 
 if TYPE_CHECKING:
     from discovery.jobs import JobSpec
@@ -90,9 +90,11 @@ class Agent:
         http: HttpServer,
         parts: contextlib.AsyncExitStack,
         jobs: JobRunner,
+        bridge_dns: BridgeDns | None = None,
     ) -> None:
         self.config = config
         self.jobs = jobs
+        self.bridge_dns = bridge_dns  # the allocations' DNS on the bridge gateway
         self.registry = registry
         self.responder = responder
         self.dns = dns
@@ -126,6 +128,8 @@ class Agent:
             SOURCE, service_instances(new.services, self.registry.local_node)
         )
         self.responder.update_settings(dns)
+        if self.bridge_dns is not None:
+            self.bridge_dns.update_settings(dns)
         self.config = replace(new, dns=dns, **fixed)
 
     async def close(self) -> None:
@@ -134,9 +138,13 @@ class Agent:
 
 
 async def _start_jobs(
-    config: AgentConfig, registry: Registry, store: Store, parts: contextlib.AsyncExitStack
+    config: AgentConfig,
+    registry: Registry,
+    store: Store,
+    parts: contextlib.AsyncExitStack,
+    bridge_dns: BridgeDns,
 ) -> JobRunner:
-    network = LazyNetwork(config.client)
+    network = LazyNetwork(config.client, dns=bridge_dns)
     parts.push_async_callback(network.close)
 
     async def opener() -> LazyNetwork:
@@ -200,7 +208,13 @@ async def start_agent(config: AgentConfig, jobs: Sequence[JobSpec] = ()) -> Agen
                 registry, config.consul, node=config.node_name, datacenter=config.datacenter
             )
             parts.push_async_callback(mirror.close)
-        runner = await _start_jobs(config, registry, store, parts)
+        # The allocations' DNS on the bridge gateway: closed after the jobs (their tasks
+        # resolve through it until they stop); started now if the bridge is already up.
+        bridge_dns = BridgeDns(registry, config.dns, config.client)
+        parts.push_async_callback(bridge_dns.close)
+        runner = await _start_jobs(config, registry, store, parts, bridge_dns)
+        if await asyncio.to_thread(bridge_exists, config.client.bridge):
+            await bridge_dns.ensure()
         dns = await start_dns(responder, config.dns_addr.host, config.dns_addr.port)
         parts.push_async_callback(_close_dns, dns)
         http = await _start_http(
@@ -213,7 +227,7 @@ async def start_agent(config: AgentConfig, jobs: Sequence[JobSpec] = ()) -> Agen
             config.data_dir,
             registry.snapshot.index,
         )
-        return Agent(config, registry, responder, dns, http, parts, runner)
+        return Agent(config, registry, responder, dns, http, parts, runner, bridge_dns)
     except BaseException:
         await parts.aclose()
         raise
@@ -247,6 +261,7 @@ async def _start_http(
         + api_nomad.ROUTES
         + api_waypost.routes(status)
         + api_jobs.routes(runner, config.node_name, config.datacenter)
+        + api_jobspec.ROUTES
     )
     streams = [
         StreamRoute("/v1/event/stream", api_waypost.event_stream(events)),

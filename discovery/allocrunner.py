@@ -6,9 +6,14 @@ reverse, past errors:
 
     NetworkHook   netsetup sets up the allocation's network (ports; in bridge mode
                   the namespace, veth and forwards); restore takes what netsetup
-                  still has, or sets it up again; destroy tears it down.
+                  still has, or sets it up again; destroy tears it down.  A port
+                  that serves DNS to bridge allocations (:class:`AllocDnsSource`,
+                  discovery.netbridge) gives the network's DNS (Nomad: CNI's).
     TaskHook      the allocation and task directories, each task's runtime
-                  environment (computed here, once, stored in the allocation), a
+                  environment (computed here, once, stored in the allocation), in
+                  bridge mode the allocation's `alloc/resolv.conf` (the group's
+                  `dns` block over the network's DNS, discovery.tasks.resolvconf;
+                  the task driver mounts it over /etc/resolv.conf), a
                   TaskSupervisor per task; `start` starts or adopts the processes;
                   destroy stops them (kill signal, kill timeout, SIGKILL).
     ServiceHook   the registry instances of the group's and tasks' services, each
@@ -30,11 +35,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import stat
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from discovery.errors import ValidationError
 from discovery.jobs import (
@@ -46,8 +52,9 @@ from discovery.jobs import (
     service_tasks,
     task_check_id,
 )
-from discovery.model import Health, Instance
+from discovery.model import CheckKind, Health, Instance
 from discovery.tasks import process as proc
+from discovery.tasks import resolvconf
 from discovery.tasks.env import AllocDirs, TaskIdentity, alloc_dirs, runtime_env
 from discovery.tasks.state import (
     DEAD,
@@ -62,12 +69,13 @@ from discovery.tasks.supervisor import TaskPlan, TaskSupervisor, fresh_state
 from discovery.workload import Allocation
 from netsetup.env import render_env
 from netsetup.errors import AllocExists
-from netsetup.spec import AllocNetwork, NetworkSpec
+from netsetup.spec import AllocNetwork, DnsConfig, NetworkSpec
 
 log = logging.getLogger(__name__)
 
 DIR_MODE = 0o755
 SECRETS_MODE = 0o700
+RESOLV_CONF_MODE = 0o644  # world-readable, as /etc/resolv.conf
 
 
 class NetworkPort(Protocol):
@@ -77,6 +85,15 @@ class NetworkPort(Protocol):
     async def teardown(self, alloc_id: str) -> bool: ...
     async def get(self, alloc_id: str) -> AllocNetwork | None: ...
     async def list(self) -> tuple[AllocNetwork, ...]: ...
+
+
+@runtime_checkable
+class AllocDnsSource(Protocol):
+    """A network port that serves DNS to bridge allocations (discovery.netbridge.LazyNetwork)."""
+
+    def alloc_dns(self, network: AllocNetwork) -> DnsConfig | None:
+        """The DNS of `network` (None: the network gives none, as in host mode)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,10 +140,12 @@ class AllocRunner:
         self.alloc = alloc
         self.dirs: AllocDirs = alloc_dirs(str(ctx.alloc_root), alloc.id)
         self.instances: tuple[Instance, ...] = ()
+        self.network_dns: DnsConfig | None = None  # the network's DNS (NetworkHook)
         self.supervisors: dict[str, TaskSupervisor] = {}
         self._hooks: tuple[Hook, ...] = (NetworkHook(), TaskHook(), ServiceHook())
         self._destroyer: asyncio.Future[list[str]] | None = None
         self._retiring = False
+        self._stopped: set[str] = set()  # tasks that stopped running since task_checks()
         self.reason = ""  # why it is destroyed, for the tasks' Killing events
 
     @property
@@ -199,6 +218,9 @@ class AllocRunner:
     def task_changed(self, name: str, state: TaskState) -> None:
         """A supervisor's publish: the new state into the record, then out."""
         now = time.time_ns()
+        before = dict(self.alloc.tasks).get(name)
+        if before is not None and before.state == RUNNING and state.state != RUNNING:
+            self._stopped.add(name)  # its services' checks start again from critical
         tasks = tuple((n, state if n == name else s) for n, s in self.alloc.tasks)
         self.alloc = replace(self.alloc, tasks=tasks, modify_time=now)
         self.ctx.publish(self)
@@ -207,14 +229,28 @@ class AllocRunner:
             self.ctx.failed(self)
 
     def task_checks(self) -> dict[str, tuple[Health, str | None]]:
-        """Each instance's task check from its tasks' states."""
+        """Each instance's task check from its tasks' states.
+
+        When a task has stopped running since the last call, the HTTP and TCP
+        checks of the services depending on it go back to critical too, as a
+        service Nomad registers again when its task restarts: after a restart an
+        instance is back in DNS once its checks pass again, not on the statuses
+        of the process before.
+        """
         states = dict(self.alloc.tasks)
+        stopped, self._stopped = self._stopped, set()
+        instances = {i.id: i for i in self.instances}
         out: dict[str, tuple[Health, str | None]] = {}
         for svc in self.group.services:
             ident = service_id(self.id, self.group.name, svc.name, svc.port_label, svc.task)
             names = service_tasks(self.group, svc)
             passing, output = render_task_check((n, states[n]) for n in names if n in states)
             out[task_check_id(ident)] = (Health.PASSING if passing else Health.CRITICAL, output)
+            inst = instances.get(ident)
+            if inst is not None and stopped & set(names):
+                for check in inst.checks:
+                    if check.kind in (CheckKind.HTTP, CheckKind.TCP):
+                        out[check.id] = (Health.CRITICAL, "the task is not running")
         return out
 
 
@@ -228,6 +264,7 @@ class NetworkHook:
         network = await runner.ctx.network()
         result = await network.setup(runner.id, runner.group.network)
         runner.alloc = replace(runner.alloc, network=result)
+        runner.network_dns = _network_dns(network, result)
 
     async def restore(self, runner: AllocRunner) -> None:
         network = await runner.ctx.network()
@@ -241,6 +278,7 @@ class NetworkHook:
                 await network.teardown(runner.id)
                 result = await network.setup(runner.id, runner.group.network)
         runner.alloc = replace(runner.alloc, network=result)
+        runner.network_dns = _network_dns(network, result)
 
     async def destroy(self, runner: AllocRunner) -> None:
         network = await runner.ctx.network()
@@ -280,11 +318,13 @@ class TaskHook:
             )
             envs.append((task.name, tuple(sorted(env.items()))))
         runner.alloc = replace(runner.alloc, env=tuple(envs))
+        await asyncio.to_thread(_write_resolv_confs, runner)
         _make_supervisors(runner, users)
 
     async def restore(self, runner: AllocRunner) -> None:
         users = resolve_users(runner)
         await asyncio.to_thread(_make_dirs, runner, users)
+        await asyncio.to_thread(_write_resolv_confs, runner)
         _make_supervisors(runner, users)
 
     @staticmethod
@@ -364,11 +404,52 @@ def _make_dirs(runner: AllocRunner, users: Mapping[str, proc.UserIds | None]) ->
             os.chmod(Path(dirs.shared / sub), 0o1777)
 
 
+def _network_dns(network: NetworkPort, result: AllocNetwork) -> DnsConfig | None:
+    return network.alloc_dns(result) if isinstance(network, AllocDnsSource) else None
+
+
+def _write_resolv_confs(runner: AllocRunner) -> None:
+    """The allocation's `alloc/resolv.conf` in bridge mode (none when there is no DNS to give).
+
+    Written in place (truncated, not replaced), so a running task's mount of it
+    sees the new text; anything else found there (a symlink, a hard link) is
+    removed first, never written through.
+    """
+    network = runner.alloc.network
+    if network is None or network.mode != "bridge":
+        return
+    dns = resolvconf.task_dns(runner.network_dns, runner.group.network.dns)
+    text = resolvconf.render_resolv_conf(dns, resolvconf.read_host_resolv_conf())
+    if text is None:
+        return
+    _write_private(Path(runner.dirs.shared) / resolvconf.FILE_NAME, text)
+
+
+def _write_private(path: Path, text: str) -> None:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags, RESOLV_CONF_MODE)
+    except OSError:  # ELOOP: a symlink; anything else: let the fresh create say why
+        path.unlink(missing_ok=True)
+        fd = os.open(path, flags | os.O_EXCL, RESOLV_CONF_MODE)
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1 or info.st_uid != os.geteuid():
+        os.close(fd)
+        path.unlink()
+        fd = os.open(path, flags | os.O_EXCL, RESOLV_CONF_MODE)
+    os.fchmod(fd, RESOLV_CONF_MODE)
+    with os.fdopen(fd, "w") as out:
+        out.truncate(0)
+        out.write(text)
+
+
 def _make_supervisors(runner: AllocRunner, users: Mapping[str, proc.UserIds | None]) -> None:
     ctx, alloc = runner.ctx, runner.alloc
     network = alloc.network
     netns = network.netns if network is not None and network.mode == "bridge" else ""
     runner.supervisors = {}
+    resolv = Path(runner.dirs.shared) / resolvconf.FILE_NAME
+    resolv_conf = str(resolv) if netns and resolv.is_file() else ""
     for task in runner.group.tasks:
         plan = TaskPlan(
             alloc_id=alloc.id,
@@ -379,6 +460,7 @@ def _make_supervisors(runner: AllocRunner, users: Mapping[str, proc.UserIds | No
             log_dir=Path(runner.dirs.logs),
             netns=netns,
             user=users.get(task.name),
+            resolv_conf=resolv_conf,
         )
         state = alloc.task(task.name)
         if state.state == DEAD and not state.failed:

@@ -331,7 +331,7 @@ def routes(runner: JobRunner, node: str, datacenter: str = "dc1") -> tuple[Route
             raise ApiError(FAILED, f"job {spec.id!r} not run, nothing applied: {err}", "") from None
         index = result.index
         job_index = result.job.job_modify_index
-        warnings = [*getattr(spec, "warnings", ()), *result.warnings]
+        warnings = [*spec.warnings, *result.warnings]
         if not result.changed:
             warnings.append("job unchanged")
         version = result.job.version
@@ -361,7 +361,7 @@ def routes(runner: JobRunner, node: str, datacenter: str = "dc1") -> tuple[Route
             spec,
             job_modify_index=old.job_modify_index if old is not None else 0,
             diff=diff,
-            warnings=list(getattr(spec, "warnings", ())),
+            warnings=list(spec.warnings),
         )
         body["Index"] = snap.index
         return ApiResponse(body)

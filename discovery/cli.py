@@ -2,6 +2,10 @@
 
     waypost agent [--config FILE_OR_DIR]... [--dev] [--dns-addr HOST:PORT]
                   [--http-addr HOST:PORT] [--data-dir DIR] [--job FILE]...
+    waypost job run|plan|stop|status ...     Nomad's CLI verbs against a running agent
+    waypost alloc status|logs ...            (discovery.cli_nomad; `waypost job -help`)
+    waypost service list|info ...
+    waypost net up|down|list|reconcile ...   allocation networking by hand (netsetup.cli)
 
 `--job FILE` is a job in Nomad's API JSON (`{"Job": {...}}`, what `nomad job run
 -output` prints, or the bare job), run at start; unchanged across restarts it is a
@@ -84,6 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="a job in Nomad's API JSON, run at start (repeatable; idempotent across restarts)",
     )
+    for group, verbs in (
+        ("job", "run, plan, stop, status"),
+        ("alloc", "status, logs"),
+        ("service", "list, info"),
+    ):
+        commands.add_parser(
+            group,
+            help=f"Nomad's `{group}` commands against a running agent: {verbs}",
+            description=f"See `waypost {group} -help`.",
+            add_help=False,
+        )
     commands.add_parser(
         "net",
         help="allocation networking by hand (root): up, down, list, reconcile",
@@ -102,26 +117,58 @@ def _setup_logging() -> None:
 def load_jobs(paths: Sequence[str]) -> list[JobSpec]:
     """The jobs in `paths`; ConfigError naming the file and the field when one is bad.
 
-    Two files of the same job id are an error: the second would silently replace
-    the first at every start.
+    A file is an HCL jobspec (`job "web" { ... }`, discovery.jobspec) when its name
+    ends in .hcl or .nomad or its first non-space character is not `{`, else
+    Nomad's API JSON.  An HCL file's errors name its line and HCL key, those
+    found in the job it gives too.  Two files of the same job id are an error:
+    the second would silently replace the first at every start.
     """
     jobs: list[JobSpec] = []
     seen: dict[str, str] = {}
     for path in paths:
         try:
             with open(path, encoding="utf-8") as file:
-                body = json.load(file)
+                text = file.read()
         except (OSError, ValueError) as exc:
             raise ConfigError(path, f"cannot read the job: {exc}") from None
-        try:
-            spec = parse_job(body)
-        except ValidationError as err:
-            raise ConfigError(path, err.message, key=err.field) from None
+        spec = _hcl_job(text, path) if _is_hcl(path, text) else _json_job(text, path)
         if spec.id in seen:
             raise ConfigError(path, f"job {spec.id!r} is in {seen[spec.id]} too", key="Job.ID")
         seen[spec.id] = path
         jobs.append(spec)
     return jobs
+
+
+HCL_SUFFIXES = (".hcl", ".nomad")  # what `nomad job run` reads as HCL, by name
+
+
+def _is_hcl(path: str, text: str) -> bool:
+    """Nomad's rule (jobspec2 isJSON), with the file's name deciding first."""
+    return path.endswith(HCL_SUFFIXES) or not text.lstrip().startswith("{")
+
+
+def _json_job(text: str, path: str) -> JobSpec:
+    try:
+        body = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(path, f"cannot read the job: {exc}") from None
+    try:
+        return parse_job(body)
+    except ValidationError as err:
+        raise ConfigError(path, err.message, key=err.field) from None
+
+
+def _hcl_job(text: str, path: str) -> JobSpec:
+    # Imported here: only --job reads HCL jobspecs (load_config reads the config).
+    from discovery.hclfile import parse_jobspec
+
+    jobspec = parse_jobspec(text, path)
+    try:
+        return parse_job(jobspec.body)
+    except ValidationError as err:
+        line, key = jobspec.locate(err.field)
+        message = f"{err.message} ({err.field})"
+        raise ConfigError(path, message, line=line, key=key or err.field) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -131,6 +178,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from netsetup import cli as netsetup_cli  # only then: pyroute2 stays out of the agent
 
         return netsetup_cli.main(argv[1:])
+    if argv[:1] in (["job"], ["alloc"], ["service"]):  # Nomad's CLI verbs, over HTTP
+        from discovery import cli_nomad  # the client side: urllib only, no agent
+
+        return cli_nomad.main(argv)
     args = build_parser().parse_args(argv)
     overrides = Overrides(
         dev=args.dev,

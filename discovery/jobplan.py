@@ -195,6 +195,16 @@ def _field_diffs(old: Any, new: Any, prefix: str = "") -> list[dict[str, str]]:
                 continue
             out += _field_diffs(old_d.get(key), new_d.get(key), f"{prefix}{key}.")
         return out
+    if (
+        isinstance(old, list)
+        and isinstance(new, list)
+        and any(isinstance(v, dict) for v in (*old, *new))
+    ):  # lists of objects (services, checks, tasks): element by element
+        for i in range(max(len(old), len(new))):
+            before = old[i] if i < len(old) else None
+            after = new[i] if i < len(new) else None
+            out += _field_diffs(before, after, f"{prefix.rstrip('.')}[{i}].")
+        return out
     if old == new:
         return out
     kind = "Added" if old is None else "Deleted" if new is None else "Edited"

@@ -12,8 +12,9 @@ The subset of Nomad's job (api/jobs.go, api/tasks.go, api/resources.go,
 api/services.go): `ID`, `Name`, `Type` ("service"), `Meta`, `TaskGroups[]` with
 `Name`, `Count`, `Meta`, `RestartPolicy`, `Networks[]` (at most one: `Mode`
 host|bridge, `ReservedPorts[]`, `DynamicPorts[]` with `Label`, `Value`, `To`,
-`HostNetwork`), `Services[]` and `Tasks[]` (discovery.tasks.spec: the exec
-driver's fields, and the task's own `Services[]`).  A service has `Name`,
+`HostNetwork`, and `DNS` with `Servers`, `Searches`, `Options`), `Services[]`
+and `Tasks[]` (discovery.tasks.spec: the exec driver's fields, and the task's
+own `Services[]`).  A service has `Name`,
 `PortLabel`, `Tags`, `Meta`, `AddressMode` auto|host|alloc and `Checks[]` with
 `Name`, `Type` http|tcp|ttl, `Path`, `Protocol`, `PortLabel`, `Interval`,
 `Timeout`, `TTL`, `InitialStatus`.  Durations: integers are nanoseconds (what
@@ -21,12 +22,14 @@ Nomad's API sends), strings are Go durations ("10s").
 
 Unknown keys: Nomad's own documented fields that waypost does not implement
 (Constraints, Update, Datacenters...) are accepted and ignored, so a job
-exported from Nomad posts unchanged; any other key is rejected as an "unknown
-field", which catches misspellings (`Lable`, `Servics`) that would otherwise
-silently drop a port or a service.  Nomad fields that would change the result
-if ignored (Service.Connect, Network.DNS, Task.Templates, another driver...) are
-rejected as "not supported by waypost" (discovery.nomadjson).  Keys are matched
-case-sensitively.  A group needs at least one task, as in Nomad.
+exported from Nomad posts unchanged, and those with a value are listed in
+`JobSpec.warnings` (Nomad's bookkeeping, Status or CreateIndex, is not); any
+other key is rejected as an "unknown field", which catches misspellings
+(`Lable`, `Servics`) that would otherwise silently drop a port or a service.
+Nomad fields that would change the result if ignored (Service.Connect,
+Task.Templates, another driver...) are rejected as "not supported by waypost"
+(discovery.nomadjson).  Keys are matched case-sensitively.  A group needs at
+least one task, as in Nomad.
 
 Service addresses follow Nomad's rules: AddressMode auto and host advertise
 the host IP and the mapped host port; alloc advertises the allocation's IP and
@@ -47,7 +50,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from discovery.errors import ValidationError
@@ -72,7 +75,8 @@ from discovery.tasks.spec import (
     render_restart,
     render_task,
 )
-from netsetup.spec import AllocNetwork, NetworkSpec, PortSpec
+from netsetup.errors import SpecError
+from netsetup.spec import AllocNetwork, DnsConfig, NetworkSpec, PortSpec
 
 HOST_NETWORK = NetworkSpec()  # a group without Networks: host mode, no ports
 SOURCE = "job"  # Instance.source of the instances jobs register
@@ -81,6 +85,7 @@ MAX_ALLOCS = MAX_COUNT  # per job, all groups together: a job is set up all or n
 MAX_GROUPS = 64
 MAX_SERVICES = 64  # per group
 MAX_CHECKS = 16  # per service
+MAX_DNS_ITEMS = 16  # per list of a network's DNS block (glibc reads 3 servers, 6 searches)
 DEFAULT_CHECK_TIMEOUT = 10.0  # seconds, when a check gives none (Consul's default)
 MAX_NAME = 128
 # Job and group ids go into allocation names "<job>.<group>[<i>]", service ids and
@@ -103,6 +108,12 @@ _IGNORED_JOB = frozenset(
     | {"VaultToken", "ConsulNamespace", "VaultNamespace", "NomadTokenID", "Status", "Stop"}
     | {"StatusDescription", "Stable", "Version", "SubmitTime", "CreateIndex", "ModifyIndex"}
     | {"JobModifyIndex", "ParentID", "UI", "VersionTag", "ParentJob"}
+)
+# Nomad's own bookkeeping in the job it prints: ignored without a warning.
+_QUIET_REQUEST = _IGNORED_REQUEST - {"Region", "Namespace"}
+_QUIET_JOB = frozenset(
+    {"Status", "StatusDescription", "Stable", "Version", "SubmitTime", "CreateIndex"}
+    | {"ModifyIndex", "JobModifyIndex", "ParentID", "Dispatched", "NomadTokenID", "VersionTag"}
 )
 _IGNORED_GROUP = frozenset(
     {"Constraints", "Affinities", "Spreads", "Disconnect"}
@@ -182,6 +193,9 @@ class JobSpec:
     name: str
     groups: tuple[GroupSpec, ...]
     meta: tuple[tuple[str, str], ...] = ()
+    # The ignored fields that had a value: what the job asks that one host cannot
+    # mean.  Not part of the job: the same job without them is the same job.
+    warnings: tuple[str, ...] = field(default=(), compare=False)
 
     def group(self, name: str) -> GroupSpec:
         for group in self.groups:
@@ -220,17 +234,30 @@ def _name(value: str, path: str) -> str:
 def parse_job(body: object) -> JobSpec:
     """The job of a `POST /v1/jobs` body (`{"Job": {...}}`, or the job object itself).
 
+    Nomad's fields that mean nothing here and have a value are listed in the
+    spec's `warnings` (`Job.TaskGroups[0].Update: ignored (means nothing on one host)`).
+
     Error handling: ValidationError naming the JSON path of the first bad field.
     """
+    warnings: list[str] = []
     if isinstance(body, Mapping) and "Job" in body:
-        request = JsonObject(body, "request", {"Job"}, _IGNORED_REQUEST)
-        return _parse_job(request.get("Job"))
-    return _parse_job(body)
+        request = JsonObject(
+            body, "request", {"Job"}, _IGNORED_REQUEST, warnings=warnings, quiet=_QUIET_REQUEST
+        )
+        spec = _parse_job(request.get("Job"), warnings)
+    else:
+        spec = _parse_job(body, warnings)
+    return replace(spec, warnings=tuple(warnings))
 
 
-def _parse_job(raw: object) -> JobSpec:
+def _parse_job(raw: object, warnings: list[str]) -> JobSpec:
     obj = JsonObject(
-        raw, "Job", {"ID", "Name", "Type", "TaskGroups", "Namespace", "Meta"}, _IGNORED_JOB
+        raw,
+        "Job",
+        {"ID", "Name", "Type", "TaskGroups", "Namespace", "Meta"},
+        _IGNORED_JOB,
+        warnings=warnings,
+        quiet=_QUIET_JOB,
     )
     ident = _name(obj.text("ID"), obj.at("ID"))
     name = obj.text("Name") or ident
@@ -242,7 +269,9 @@ def _parse_job(raw: object) -> JobSpec:
     namespace = obj.text("Namespace", NAMESPACE)
     if namespace != NAMESPACE:
         raise ValidationError(obj.at("Namespace"), f"waypost has only the {NAMESPACE!r} namespace")
-    groups = tuple(_parse_group(item, path) for path, item in obj.items("TaskGroups", MAX_GROUPS))
+    groups = tuple(
+        _parse_group(item, path, warnings) for path, item in obj.items("TaskGroups", MAX_GROUPS)
+    )
     if not groups:
         raise ValidationError(obj.at("TaskGroups"), "a job needs at least one group")
     seen: set[str] = set()
@@ -283,25 +312,29 @@ def _check_static_ports(groups: Iterable[GroupSpec]) -> None:
             taken[key] = f"port {port.label!r} of group {group.name!r}"
 
 
-def _parse_group(raw: object, path: str) -> GroupSpec:
+def _parse_group(raw: object, path: str, warnings: list[str]) -> GroupSpec:
     known = {"Name", "Count", "Networks", "Services", "Tasks", "Meta", "RestartPolicy"}
-    obj = JsonObject(raw, path, known, _IGNORED_GROUP)
+    obj = JsonObject(raw, path, known, _IGNORED_GROUP, warnings=warnings)
     name = _name(obj.text("Name"), obj.at("Name"))
     count_raw = obj.get("Count")
     count = 1 if count_raw is None else check_int(count_raw, obj.at("Count"), 0, MAX_COUNT)
     networks = obj.items("Networks", 1)
-    network = _parse_network(networks[0][1], networks[0][0]) if networks else HOST_NETWORK
-    services = [(p, _parse_service(item, p)) for p, item in obj.items("Services", MAX_SERVICES)]
-    restart = parse_restart(obj.get("RestartPolicy"), obj.at("RestartPolicy"))
+    network = _parse_network(networks[0][1], networks[0][0], warnings) if networks else HOST_NETWORK
+    services = [
+        (p, _parse_service(item, p, warnings)) for p, item in obj.items("Services", MAX_SERVICES)
+    ]
+    restart = parse_restart(obj.get("RestartPolicy"), obj.at("RestartPolicy"), None, warnings)
     tasks: list[TaskSpec] = []
     for where, item in obj.items("Tasks", MAX_TASKS):
-        task = parse_task(item, where, known=frozenset({"Services"}), restart=restart)
+        task = parse_task(
+            item, where, known=frozenset({"Services"}), restart=restart, warnings=warnings
+        )
         if any(t.name == task.name for t in tasks):
             raise ValidationError(f"{where}.Name", f"duplicate task {task.name!r}")
         tasks.append(task)
         task_obj = JsonObject(item, where, {"Services"}, frozenset(item))
         for p, svc in task_obj.items("Services", MAX_SERVICES):
-            services.append((p, replace(_parse_service(svc, p), task=task.name)))
+            services.append((p, replace(_parse_service(svc, p, warnings), task=task.name)))
     if not tasks:
         raise ValidationError(obj.at("Tasks"), f"group {name!r} needs at least one task")
     _check_services(services, network)
@@ -335,8 +368,9 @@ def _check_services(services: list[tuple[str, ServiceSpec]], network: NetworkSpe
         seen.add((svc.task, svc.name, svc.port_label))
 
 
-def _parse_network(raw: object, path: str) -> NetworkSpec:
-    obj = JsonObject(raw, path, {"Mode", "ReservedPorts", "DynamicPorts"}, _IGNORED_NETWORK)
+def _parse_network(raw: object, path: str, warnings: list[str]) -> NetworkSpec:
+    known = {"Mode", "ReservedPorts", "DynamicPorts", "DNS"}
+    obj = JsonObject(raw, path, known, _IGNORED_NETWORK, warnings=warnings)
     mode = obj.text("Mode") or "host"
     if mode not in ("host", "bridge"):
         raise ValidationError(obj.at("Mode"), f"{mode!r}: must be host or bridge")
@@ -344,16 +378,31 @@ def _parse_network(raw: object, path: str) -> NetworkSpec:
     seen: set[str] = set()
     for key, static in (("ReservedPorts", True), ("DynamicPorts", False)):
         for where, item in obj.items(key, 256):
-            port = _parse_port(item, where, static=static)
+            port = _parse_port(item, where, warnings, static=static)
             if port.label in seen:
                 raise ValidationError(f"{where}.Label", f"duplicate port label {port.label!r}")
             seen.add(port.label)
             ports.append(port)
-    return NetworkSpec(mode="bridge" if mode == "bridge" else "host", ports=tuple(ports))
+    dns = _parse_dns(obj.get("DNS"), obj.at("DNS"))
+    return NetworkSpec(mode="bridge" if mode == "bridge" else "host", ports=tuple(ports), dns=dns)
 
 
-def _parse_port(raw: object, path: str, *, static: bool) -> PortSpec:
-    obj = JsonObject(raw, path, {"Label", "Value", "To", "HostNetwork"}, _IGNORED_PORT)
+def _parse_dns(raw: object, path: str) -> DnsConfig | None:
+    """Nomad's `dns { servers, searches, options }`; null is no block (Nomad's nil)."""
+    if raw is None:
+        return None
+    obj = JsonObject(raw, path, {"Servers", "Searches", "Options"})
+    lists = [obj.strings(key, MAX_DNS_ITEMS) for key in ("Servers", "Searches", "Options")]
+    try:
+        return DnsConfig(*lists)
+    except SpecError as err:  # network.dns.servers[1] -> <path>.Servers[1]
+        where = err.field.removeprefix("network.dns.")
+        raise ValidationError(f"{path}.{where[:1].upper()}{where[1:]}", err.message) from None
+
+
+def _parse_port(raw: object, path: str, warnings: list[str], *, static: bool) -> PortSpec:
+    known = {"Label", "Value", "To", "HostNetwork"}
+    obj = JsonObject(raw, path, known, _IGNORED_PORT, warnings=warnings)
     label = obj.text("Label")
     if not label or not re.match(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$", label):
         raise ValidationError(obj.at("Label"), f"{label!r} is not a port label")
@@ -382,9 +431,9 @@ def _port_label(obj: JsonObject, key: str) -> str:
     return value
 
 
-def _parse_service(raw: object, path: str) -> ServiceSpec:
+def _parse_service(raw: object, path: str, warnings: list[str]) -> ServiceSpec:
     known = {"Name", "PortLabel", "Tags", "Meta", "AddressMode", "Checks"}
-    obj = JsonObject(raw, path, known, _IGNORED_SERVICE)
+    obj = JsonObject(raw, path, known, _IGNORED_SERVICE, warnings=warnings)
     name = check_label(obj.get("Name"), obj.at("Name"))
     mode = obj.text("AddressMode") or "auto"
     if mode not in ADDRESS_MODES:
@@ -400,7 +449,7 @@ def _parse_service(raw: object, path: str) -> ServiceSpec:
     except ValidationError as err:
         field = err.field.replace("tags", "Tags", 1).replace("meta", "Meta", 1)
         raise ValidationError(f"{path}.{field}", err.message) from None
-    checks = tuple(_parse_check(item, p) for p, item in obj.items("Checks", MAX_CHECKS))
+    checks = tuple(_parse_check(item, p, warnings) for p, item in obj.items("Checks", MAX_CHECKS))
     return ServiceSpec(
         name=name,
         port_label=_port_label(obj, "PortLabel"),
@@ -411,9 +460,10 @@ def _parse_service(raw: object, path: str) -> ServiceSpec:
     )
 
 
-def _parse_check(raw: object, path: str) -> CheckSpec:
+def _parse_check(raw: object, path: str, warnings: list[str]) -> CheckSpec:
     known = {"Name", "Type", "Path", "Protocol", "PortLabel", "Interval", "Timeout", "TTL"}
-    obj = JsonObject(raw, path, known | {"InitialStatus", "AddressMode"}, _IGNORED_CHECK)
+    known |= {"InitialStatus", "AddressMode"}
+    obj = JsonObject(raw, path, known, _IGNORED_CHECK, warnings=warnings)
     kind_text = obj.text("Type")
     try:
         kind = CheckKind(kind_text)
@@ -480,6 +530,7 @@ def _render_group(group: GroupSpec) -> dict[str, Any]:
                 "Mode": net.mode,
                 "ReservedPorts": [_render_port(p) for p in reserved],
                 "DynamicPorts": [_render_port(p) for p in dynamic],
+                "DNS": _render_dns(net.dns),
             }
         ],
         "Services": [_render_service(s) for s in group.services if not s.task],
@@ -492,6 +543,16 @@ def _render_group(group: GroupSpec) -> dict[str, Any]:
         ],
         "RestartPolicy": render_restart(group.restart),
         "Meta": dict(group.meta),
+    }
+
+
+def _render_dns(dns: DnsConfig | None) -> dict[str, Any] | None:
+    if dns is None:
+        return None
+    return {
+        "Servers": list(dns.servers),
+        "Searches": list(dns.searches),
+        "Options": list(dns.options),
     }
 
 

@@ -4,9 +4,15 @@
 checks its keys once: a key waypost reads is *known*, a documented Nomad key
 that means nothing here is *ignored*, a Nomad key whose effect waypost cannot
 give is refused as "not supported by waypost" (:data:`UNSUPPORTED`) unless it is
-null or an empty list (as `nomad job inspect` writes unused features), and any
+null, "", 0, false or a list of those (how `nomad job inspect` writes unused
+features; an object, even `{}`, asks for the feature), and any
 other key is an "unknown field" (a misspelling would otherwise drop a port or
 a service silently).  Every error is a ValidationError naming the JSON path.
+An ignored key with a value that is not empty (:func:`is_empty`: null, "", 0,
+false, [] and {}, or lists and objects of those, as Nomad prints every field) is
+reported on the `warnings` list the caller passes (`Job.Update: ignored (means
+nothing on one host)`); the `quiet` ones (Nomad's own bookkeeping: indexes,
+Status, Version) never are.
 
 Durations (:func:`seconds`): integers are nanoseconds (what Nomad's API sends),
 strings are Go durations ("10s").
@@ -27,6 +33,18 @@ UNSUPPORTED |= frozenset({"Artifacts", "Templates", "Vault", "VolumeMounts", "Li
 UNSUPPORTED |= frozenset({"DispatchPayload", "CSIPluginConfig", "Volumes"})
 
 
+IGNORED = "ignored (means nothing on one host)"
+
+
+def is_empty(value: object) -> bool:
+    """null, "", 0, false, [] and {}, or a list or object of nothing but those."""
+    if isinstance(value, Mapping):
+        return all(is_empty(v) for v in value.values())
+    if isinstance(value, list):
+        return all(is_empty(v) for v in value)
+    return not value
+
+
 class JsonObject:
     """A JSON object at `path`, its keys checked against what is known and ignored."""
 
@@ -37,6 +55,9 @@ class JsonObject:
         known: Iterable[str],
         ignored: frozenset[str] = frozenset(),
         unsupported: frozenset[str] = UNSUPPORTED,
+        *,
+        warnings: list[str] | None = None,
+        quiet: frozenset[str] = frozenset(),
     ) -> None:
         if not isinstance(raw, Mapping):
             raise ValidationError(path, "must be an object")
@@ -44,10 +65,13 @@ class JsonObject:
         for key, value in raw.items():
             if not isinstance(key, str) or (key not in wanted and key not in ignored):
                 if key in unsupported:
-                    if value is None or value == []:
-                        continue  # how Nomad's own JSON writes a feature left unused
+                    if not isinstance(value, Mapping) and is_empty(value):
+                        continue  # how Nomad's own JSON writes a feature left unused ("", null)
                     raise ValidationError(f"{path}.{key}", "is not supported by waypost")
                 raise ValidationError(f"{path}.{key}", "unknown field")
+            ignored_here = key not in wanted and key not in quiet and not is_empty(value)
+            if ignored_here and warnings is not None:
+                warnings.append(f"{path}.{key}: {IGNORED}")
         self.raw: Mapping[str, Any] = raw
         self.path = path
 

@@ -1,7 +1,9 @@
 """What an allocation asks for, what it gets, and the host's network config.  Pure: no I/O.
 
 - :class:`PortSpec` / :class:`NetworkSpec` — a group's `network` block (Nomad's
-  jobspec: `mode`, `port "label" { static, to, host_network }`);
+  jobspec: `mode`, `port "label" { static, to, host_network }`, and
+  :class:`DnsConfig`, `dns { servers, searches, options }`, which netsetup only
+  carries: the agent writes it into the tasks' resolv.conf);
 - :class:`PortMapping` / :class:`AllocNetwork` — the result of a setup, what the
   state keeps and what the environment (`netsetup.env`) is built from;
 - :class:`NetConfig` / :class:`HostNetwork` — the host side: bridge, subnet,
@@ -118,12 +120,42 @@ class PortSpec:
             raise SpecError(f"{where}.host_network", "must be a string")
 
 
+# resolv(5): a resolv.conf line is a keyword and words; one without spaces each.
+_DNS_WORD = re.compile(r"[^\s#;]{1,253}")
+
+
+@dataclass(frozen=True, slots=True)
+class DnsConfig:
+    """Nomad's `network { dns { servers, searches, options } }` (structs.DNSConfig).
+
+    Servers are IP addresses; searches and options are single resolv.conf words
+    (`ndots:2`, `edns0`).  Empty tuples are Nomad's "not given" (the host's
+    resolv.conf fills that part in: discovery.tasks.resolvconf).
+    """
+
+    servers: tuple[str, ...] = ()
+    searches: tuple[str, ...] = ()
+    options: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        servers = tuple(
+            _check_ip(f"network.dns.servers[{i}]", s) if isinstance(s, str) else s
+            for i, s in enumerate(self.servers)
+        )
+        object.__setattr__(self, "servers", servers)
+        for key in ("servers", "searches", "options"):
+            for i, word in enumerate(getattr(self, key)):
+                if not isinstance(word, str) or not _DNS_WORD.fullmatch(word):
+                    raise SpecError(f"network.dns.{key}[{i}]", f"not a resolv.conf word: {word!r}")
+
+
 @dataclass(frozen=True, slots=True)
 class NetworkSpec:
-    """A group's `network` block: the mode and the ports (labels unique)."""
+    """A group's `network` block: the mode, the ports (labels unique), the DNS block."""
 
     mode: NetworkMode = "host"  # Nomad's default mode
     ports: tuple[PortSpec, ...] = ()
+    dns: DnsConfig | None = None  # None: no `dns` block (the agent's DNS in bridge mode)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -287,13 +319,21 @@ def _gateway(field: str, net: ipaddress.IPv4Network | ipaddress.IPv6Network, val
 
 def render_spec(spec: NetworkSpec) -> dict[str, Any]:
     """`spec` as a JSON-able dict (inverse of :func:`parse_spec`)."""
-    return {
+    out: dict[str, Any] = {
         "mode": spec.mode,
         "ports": [
             {"label": p.label, "static": p.static, "to": p.to, "host_network": p.host_network}
             for p in spec.ports
         ],
     }
+    if spec.dns is not None:  # absent otherwise: states written before it read back equal
+        dns = spec.dns
+        out["dns"] = {
+            "servers": list(dns.servers),
+            "searches": list(dns.searches),
+            "options": list(dns.options),
+        }
+    return out
 
 
 def parse_spec(raw: Mapping[str, Any]) -> NetworkSpec:
@@ -301,7 +341,7 @@ def parse_spec(raw: Mapping[str, Any]) -> NetworkSpec:
 
     Missing keys take the defaults; unknown keys are rejected (SpecError).
     """
-    _only_keys("network", raw, {"mode", "ports"})
+    _only_keys("network", raw, {"mode", "ports", "dns"})
     ports = raw.get("ports", [])
     if not isinstance(ports, list):
         raise SpecError("network.ports", "must be a list")
@@ -321,7 +361,22 @@ def parse_spec(raw: Mapping[str, Any]) -> NetworkSpec:
     mode = raw.get("mode", "host")
     if not _is_mode(mode):
         raise SpecError("network.mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
-    return NetworkSpec(mode=mode, ports=tuple(parsed))
+    return NetworkSpec(mode=mode, ports=tuple(parsed), dns=_parse_dns(raw.get("dns")))
+
+
+def _parse_dns(raw: object) -> DnsConfig | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise SpecError("network.dns", "must be an object")
+    _only_keys("network.dns", raw, {"servers", "searches", "options"})
+    lists: dict[str, tuple[str, ...]] = {}
+    for key in ("servers", "searches", "options"):
+        value = raw.get(key, [])
+        if not isinstance(value, list):
+            raise SpecError(f"network.dns.{key}", "must be a list")
+        lists[key] = tuple(value)
+    return DnsConfig(**lists)
 
 
 def render_result(result: AllocNetwork) -> dict[str, Any]:

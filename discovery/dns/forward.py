@@ -1,8 +1,10 @@
 """Forwarding queries to upstream recursors (Consul's `recursors`).  Adapter: client sockets.
 
 :func:`parse_recursor` is pure and validates the configured addresses (the
-config uses it too).  :func:`forward_query` asks the recursors one after the
-other (Consul's "sequential" strategy) and returns the first usable reply.
+config uses it too); :func:`host_recursors` (pure) picks the host's resolvers a
+forwarder for bridge allocations may use when none are configured.
+:func:`forward_query` asks the recursors one after the other (Consul's
+"sequential" strategy) and returns the first usable reply.
 
 Each exchange uses a fresh socket on a random port and a random message ID
 (RFC 5452 section 9.2), and accepts only a reply whose ID and question match
@@ -21,7 +23,7 @@ import functools
 import ipaddress
 import logging
 import secrets
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import suppress
 from typing import Any
 
@@ -80,6 +82,25 @@ def parse_recursor(text: str) -> tuple[str, int]:
             raise ValueError(f"recursor {text!r}: port {port_text!r} is not a number 1-65535")
         port = int(port_text)
     return str(ip), port
+
+
+def host_recursors(servers: Iterable[str]) -> tuple[str, ...]:
+    """The host's nameservers (its resolv.conf) that may serve as recursors, in order.
+
+    Loopback servers are left out, as Moby and Nomad leave them out of a
+    namespace's resolv.conf: a stub on the host's loopback (systemd-resolved's
+    127.0.0.53, a dnsmasq sending `.nomad` back to waypost) is the host's own
+    arrangement, not an upstream for the allocations' queries.  Pure.
+    """
+    out = []
+    for text in servers:
+        try:
+            ip = ipaddress.ip_address(text.split("%", 1)[0])
+        except ValueError:
+            continue
+        if not ip.is_loopback and str(ip) not in out:
+            out.append(str(ip))
+    return tuple(out)
 
 
 @functools.lru_cache(maxsize=64)

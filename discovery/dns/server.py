@@ -66,6 +66,10 @@ MAX_TCP_MESSAGE = 65535
 AA_BIT = 0x04
 RA_BIT = 0x80
 MIN_TIMER = 0.05  # seconds; re-arming the idle timer sooner than this is pointless
+# ip(7), ipv6(7): bind to an address that is not (yet, or any more) on an interface,
+# so a listener on the bridge gateway outlives the bridge being recreated.
+IP_FREEBIND = 15
+IPV6_FREEBIND = 78
 # Datagrams read (recvmmsg) and answered (sendmmsg) per system call; 0: asyncio's transport.
 UDP_BATCH = udpbatch.DEFAULT_SIZE
 # Full batches read per readiness event before other callbacks get their turn.
@@ -609,12 +613,15 @@ async def start_dns(
     max_tcp_connections: int = MAX_TCP_CONNECTIONS,
     max_forwards: int = MAX_FORWARDS,
     udp_batch: int = UDP_BATCH,
+    freebind: bool = False,
 ) -> DnsServer:
     """Serve DNS for `responder` on `host`:`port`, UDP and TCP; port 0 picks a free port.
 
     `udp_batch` datagrams are read and answered per system call where the
     platform has recvmmsg/sendmmsg; 0 (or a platform without them) uses
-    asyncio's datagram transport, one datagram per call.
+    asyncio's datagram transport, one datagram per call.  `freebind` sets
+    IP_FREEBIND (Linux): the sockets stay bound while their address leaves and
+    comes back with its interface (the allocations' DNS on the bridge gateway).
 
     Error handling: an address that cannot be resolved or bound raises OSError
     naming the protocol and address (errno kept); nothing stays open then.
@@ -627,7 +634,8 @@ async def start_dns(
     except OSError as exc:
         raise OSError(exc.errno, f"cannot resolve DNS listen address {host!r}: {exc}") from exc
     family, _, _, _, sockaddr = infos[0]
-    udp_sock, tcp_sock = _bind_pair(family, sockaddr, attempts=BIND_ATTEMPTS if port == 0 else 1)
+    attempts = BIND_ATTEMPTS if port == 0 else 1
+    udp_sock, tcp_sock = _bind_pair(family, sockaddr, attempts=attempts, freebind=freebind)
     server = DnsServer(
         responder, max_tcp_connections=max_tcp_connections, max_forwards=max_forwards
     )
@@ -661,14 +669,17 @@ async def _start_udp(server: DnsServer, sock: socket.socket, batch: int) -> _Udp
 
 
 def _bind_pair(
-    family: int, sockaddr: tuple[Any, ...], *, attempts: int
+    family: int, sockaddr: tuple[Any, ...], *, attempts: int, freebind: bool = False
 ) -> tuple[socket.socket, socket.socket]:
     """A UDP and a TCP socket bound to the same port (UDP first when the port is 0)."""
     for attempt in range(attempts):
-        udp = _bind(family, socket.SOCK_DGRAM, sockaddr)
+        # Only when asked: _bind keeps its three-argument form for everyone else.
+        options = {"freebind": True} if freebind else {}
+        udp = _bind(family, socket.SOCK_DGRAM, sockaddr, **options)
         port = udp.getsockname()[1]
         try:
-            tcp = _bind(family, socket.SOCK_STREAM, (sockaddr[0], port, *sockaddr[2:]))
+            tcp_addr = (sockaddr[0], port, *sockaddr[2:])
+            tcp = _bind(family, socket.SOCK_STREAM, tcp_addr, **options)
         except OSError as exc:
             udp.close()
             if exc.errno == errno.EADDRINUSE and attempt + 1 < attempts:
@@ -678,10 +689,16 @@ def _bind_pair(
     raise AssertionError("unreachable: the last attempt returns or raises")
 
 
-def _bind(family: int, kind: int, sockaddr: tuple[Any, ...]) -> socket.socket:
+def _bind(
+    family: int, kind: int, sockaddr: tuple[Any, ...], *, freebind: bool = False
+) -> socket.socket:
     proto = "TCP" if kind == socket.SOCK_STREAM else "UDP"
     sock = socket.socket(family, kind)
     try:
+        if freebind and family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)
+        elif freebind:
+            sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
         if family == socket.AF_INET6:
             # "::" means IPv6 only, for UDP and TCP alike (asyncio does this for TCP).
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)

@@ -9,6 +9,23 @@ uid, gid and groups.  In bridge mode the process is forked from a thread that
 has joined the allocation's network namespace (:func:`netsetup.netns.in_namespace`),
 so it starts inside it; nothing else of the agent moves.
 
+A bridge task also gets a mount namespace of its own in which the allocation's
+resolv.conf is bind-mounted over /etc/resolv.conf, as `ip netns exec` does with
+/etc/netns/<name>/resolv.conf.  The same thread does it before the fork
+(:func:`netsetup.netns.private_binds`: unshare(CLONE_NEWNS | CLONE_FS), `/`
+made a recursive slave, the bind), so the child inherits it and
+nothing runs between fork and exec: no `preexec_fn` (unsafe with threads, and
+it would run after Popen's setuid, when the task's user may no longer mount),
+no wrapper process (exec failures stay OSErrors of the spawn, the task's pid is
+the one forked).  The thread ends with the spawn, taking the namespace with it.
+The file is `Launch.resolv_conf` ("" for none): the allocation runner passes
+`<alloc dir>/alloc/resolv.conf` when it wrote one (discovery.tasks.resolvconf).  Nomad
+writes it in the task dir; here the task's user owns that directory and could
+swap the file for a symlink between the check and the mount, so it lives in
+the allocation's shared directory, which only the agent may change
+(:func:`check_resolv_conf`).  Host-mode
+tasks keep the host's mounts and resolver.
+
 A :class:`Process` is watched through a pidfd (pidfd_open(2)), readable once the
 process has exited, with the loop's add_reader (asyncio and uvloop alike); the
 agent's own children are reaped with waitid(P_PIDFD), so the exit code and
@@ -26,30 +43,33 @@ environment, and so do its descendants: :func:`find_marked` lists them from
 /proc (a crash between a spawn and its record, descendants that left the
 process group), which is how a stop leaves no process behind.
 
-Error handling: a spawn that fails (no such command, permission) raises
-OSError with the command in the message; signalling a process that is gone is
-not an error.
+Error handling: a spawn that fails (no such command, permission, a resolv.conf
+that cannot be mounted) raises OSError with the command in the message;
+signalling a process that is gone is not an error.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import pwd
 import select
 import signal
+import stat
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from discovery.tasks.state import ProcessRef
-from netsetup.netns import in_namespace
+from netsetup.netns import in_namespace, private_binds
 
 PROC = Path("/proc")
 MARKER_ALLOC = "NOMAD_ALLOC_ID"
 MARKER_TASK = "NOMAD_TASK_NAME"
+RESOLV_CONF = "/etc/resolv.conf"
 _STARTTIME_FIELD = 19  # /proc/<pid>/stat field 22, counted after the ")" of comm (field 3 = 0)
 _SESSION_FIELD = 3  # field 6
 
@@ -83,6 +103,8 @@ class Launch:
     stderr: int
     user: UserIds | None = None
     netns: str = ""  # the namespace path to start in; "" is the agent's own
+    # mounted over /etc/resolv.conf in bridge mode; "" none
+    resolv_conf: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,7 +242,7 @@ async def spawn(launch: Launch, boot: str) -> Process:
     """Start the process of `launch`.  Error handling: OSError naming the command."""
     try:
         if launch.netns:
-            pid = await in_namespace(launch.netns, lambda: _spawn_here(launch))
+            pid = await in_namespace(launch.netns, lambda: _spawn_bridged(launch))
         else:
             pid = await asyncio.to_thread(_spawn_here, launch)
     except OSError as exc:
@@ -228,6 +250,35 @@ async def spawn(launch: Launch, boot: str) -> Process:
     pidfd = os.pidfd_open(pid)
     ref = process_ref(pid, boot, zombie=True) or ProcessRef(pid, 0, boot)
     return Process(ref, pidfd, own=True)
+
+
+def _spawn_bridged(launch: Launch) -> int:
+    """In the thread that joined the allocation's namespace: mount resolv.conf, then fork."""
+    path = launch.resolv_conf
+    if not path:
+        return _spawn_here(launch)
+    check_resolv_conf(path)
+    private_binds(((path, RESOLV_CONF),))
+    return _spawn_here(launch)
+
+
+def check_resolv_conf(path: str) -> None:
+    """`path` is a regular file with one link, in a directory only the agent's user may change.
+
+    A bind mount follows symlinks and reads whatever the path names at that
+    moment, so neither the file nor its directory may belong to anyone else.
+    Error handling: OSError naming the file.
+    """
+    try:
+        info = os.lstat(path)
+        parent = os.stat(os.path.dirname(os.path.abspath(path)))
+    except OSError as exc:
+        raise OSError(exc.errno, f"resolv.conf {path}: {exc.strerror}") from exc
+    me = os.geteuid()
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1 or info.st_uid != me:
+        raise OSError(errno.EINVAL, f"resolv.conf {path}: not a regular file of the agent's")
+    if parent.st_uid != me or parent.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise OSError(errno.EPERM, f"resolv.conf {path}: its directory is writable by others")
 
 
 def adopt(ref: ProcessRef, boot: str) -> Process | None:

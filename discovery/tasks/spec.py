@@ -98,13 +98,23 @@ class TaskSpec:
         return int(signal.Signals[self.kill_signal])
 
 
-def parse_restart(raw: object, path: str, base: RestartPolicy | None = None) -> RestartPolicy:
-    """`RestartPolicy` over `base` (Nomad's default for service jobs); absent keys keep it."""
+def parse_restart(
+    raw: object,
+    path: str,
+    base: RestartPolicy | None = None,
+    warnings: list[str] | None = None,
+) -> RestartPolicy:
+    """`RestartPolicy` over `base` (Nomad's default for service jobs); absent keys keep it.
+    Ignored keys with a value are reported on `warnings` (discovery.nomadjson)."""
     policy = base or RestartPolicy()
     if raw is None:
         return policy
     obj = JsonObject(
-        raw, path, {"Attempts", "Interval", "Delay", "Mode"}, frozenset({"RenderTemplates"})
+        raw,
+        path,
+        {"Attempts", "Interval", "Delay", "Mode"},
+        frozenset({"RenderTemplates"}),
+        warnings=warnings,
     )
     attempts = obj.get("Attempts")
     if attempts is not None:
@@ -137,15 +147,17 @@ def parse_task(
     *,
     known: frozenset[str] = frozenset(),
     restart: RestartPolicy | None = None,
+    warnings: list[str] | None = None,
 ) -> TaskSpec:
     """One `Tasks[]` entry; `known` are more keys the caller reads itself (`Services`).
+    Ignored keys with a value are reported on `warnings` (discovery.nomadjson).
 
     A task's own `RestartPolicy` is merged over `restart`, the group's (Nomad's
     Task.Canonicalize): `{"Attempts": 1}` keeps the group's interval, delay and mode.
     """
     keys = {"Name", "Driver", "Config", "Env", "User", "Meta", "Resources"}
     keys |= {"KillTimeout", "KillSignal", "LogConfig", "RestartPolicy"}
-    obj = JsonObject(raw, path, keys | known, _IGNORED_TASK)
+    obj = JsonObject(raw, path, keys | known, _IGNORED_TASK, warnings=warnings)
     name = obj.text("Name")
     if not _TASK_NAME.fullmatch(name):
         raise ValidationError(
@@ -164,7 +176,7 @@ def parse_task(
     for key, _ in env:
         if not _ENV_NAME.fullmatch(key):
             raise ValidationError(f"{obj.at('Env')}.{key}", "is not an environment variable name")
-    cpu, memory, memory_max = _parse_resources(obj.get("Resources"), obj.at("Resources"))
+    cpu, memory, memory_max = _parse_resources(obj.get("Resources"), obj.at("Resources"), warnings)
     kill_timeout = obj.seconds("KillTimeout", DEFAULT_KILL_TIMEOUT)
     if kill_timeout > MAX_KILL_TIMEOUT:
         raise ValidationError(obj.at("KillTimeout"), f"must be at most {MAX_KILL_TIMEOUT:.0f}s")
@@ -185,10 +197,10 @@ def parse_task(
         memory_max=memory_max,
         kill_timeout=kill_timeout,
         kill_signal=kill_signal.upper(),
-        logs=_parse_logs(obj.get("LogConfig"), obj.at("LogConfig")),
+        logs=_parse_logs(obj.get("LogConfig"), obj.at("LogConfig"), warnings),
         restart=None
         if restart_raw is None
-        else parse_restart(restart_raw, obj.at("RestartPolicy"), restart),
+        else parse_restart(restart_raw, obj.at("RestartPolicy"), restart, warnings),
     )
 
 
@@ -208,7 +220,9 @@ def _parse_config(raw: object, path: str) -> tuple[str, tuple[str, ...]]:
     return command, args
 
 
-def _parse_resources(raw: object, path: str) -> tuple[int, int, int]:
+def _parse_resources(
+    raw: object, path: str, warnings: list[str] | None = None
+) -> tuple[int, int, int]:
     if raw is None:
         return DEFAULT_CPU, DEFAULT_MEMORY, 0
     # Resources.Networks is Nomad's deprecated task-level network: null when unused.
@@ -218,6 +232,7 @@ def _parse_resources(raw: object, path: str) -> tuple[int, int, int]:
         {"CPU", "MemoryMB", "MemoryMaxMB"},
         _IGNORED_RESOURCES,
         UNSUPPORTED | {"Networks"},
+        warnings=warnings,
     )
     cpu_raw, memory_raw, max_raw = obj.get("CPU"), obj.get("MemoryMB"), obj.get("MemoryMaxMB")
     cpu = DEFAULT_CPU if cpu_raw is None else check_int(cpu_raw, obj.at("CPU"), 1, 1 << 30)
@@ -236,10 +251,16 @@ def _parse_resources(raw: object, path: str) -> tuple[int, int, int]:
     return cpu, memory, memory_max
 
 
-def _parse_logs(raw: object, path: str) -> LogConfig:
+def _parse_logs(raw: object, path: str, warnings: list[str] | None = None) -> LogConfig:
     if raw is None:
         return LogConfig()
-    obj = JsonObject(raw, path, {"MaxFiles", "MaxFileSizeMB", "Disabled"}, frozenset({"Enabled"}))
+    obj = JsonObject(
+        raw,
+        path,
+        {"MaxFiles", "MaxFileSizeMB", "Disabled"},
+        frozenset({"Enabled"}),
+        warnings=warnings,
+    )
     files, size = obj.get("MaxFiles"), obj.get("MaxFileSizeMB")
     disabled = obj.get("Disabled")
     if disabled is not None and not isinstance(disabled, bool):

@@ -97,6 +97,7 @@ class TaskPlan:
     log_dir: Path
     netns: str = ""  # the allocation's namespace (bridge mode); "" is the host's
     user: UserIds | None = None
+    resolv_conf: str = ""  # bridge mode: mounted over /etc/resolv.conf; "" none
 
     @property
     def argv(self) -> tuple[str, ...]:
@@ -271,7 +272,9 @@ class TaskSupervisor:
         if plan.user is not None:
             own = {"USER": plan.user.name, "LOGNAME": plan.user.name, "HOME": plan.user.home}
             env.update((k, v) for k, v in own.items() if k not in plan.env)
-        launch = Launch(plan.argv, env, str(plan.task_dir), out, err, plan.user, plan.netns)
+        launch = Launch(
+            plan.argv, env, str(plan.task_dir), out, err, plan.user, plan.netns, plan.resolv_conf
+        )
         starting = asyncio.ensure_future(spawn(launch, self._boot))
         try:
             process = await asyncio.shield(starting)

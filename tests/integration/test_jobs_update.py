@@ -191,3 +191,217 @@ async def test_a_task_level_service_follows_its_task(tmp_path: Path) -> None:
         _, alloc = await request(http, "GET", url(agent, f"/v1/allocation/{stub['ID']}"))
         assert alloc["TaskStates"]["side"]["State"] == "running"
         await request(http, "DELETE", url(agent, "/v1/job/ts?purge=true"))
+
+
+# What `nomad job inspect` prints for a small job (Nomad 1.7's api.Job with its
+# defaults filled in): every field present, most of them null, empty or zero.
+INSPECTED: dict[str, Any] = {
+    "Job": {
+        "Affinities": None,
+        "AllAtOnce": False,
+        "Constraints": [{"LTarget": "${attr.kernel.name}", "Operand": "=", "RTarget": "linux"}],
+        "ConsulNamespace": "",
+        "ConsulToken": "",
+        "CreateIndex": 11,
+        "Datacenters": ["dc1"],
+        "DispatchIdempotencyToken": "",
+        "Dispatched": False,
+        "ID": "insp",
+        "JobModifyIndex": 11,
+        "Meta": None,
+        "ModifyIndex": 13,
+        "Multiregion": None,
+        "Name": "insp",
+        "Namespace": "default",
+        "NodePool": "default",
+        "NomadTokenID": "",
+        "ParameterizedJob": None,
+        "ParentID": "",
+        "Payload": None,
+        "Periodic": None,
+        "Priority": 50,
+        "Region": "global",
+        "Spreads": None,
+        "Stable": False,
+        "Status": "running",
+        "StatusDescription": "",
+        "Stop": False,
+        "SubmitTime": 1733600000000000000,
+        "TaskGroups": [
+            {
+                "Affinities": None,
+                "Constraints": None,
+                "Consul": {"Cluster": "default", "Namespace": "", "Partition": ""},
+                "Count": 1,
+                "Disconnect": None,
+                "EphemeralDisk": {"Migrate": False, "SizeMB": 300, "Sticky": False},
+                "MaxClientDisconnect": None,
+                "Meta": None,
+                "Migrate": {
+                    "HealthCheck": "checks",
+                    "HealthyDeadline": 300000000000,
+                    "MaxParallel": 1,
+                    "MinHealthyTime": 10000000000,
+                },
+                "Name": "web",
+                "Networks": [
+                    {
+                        "CIDR": "",
+                        "DNS": None,
+                        "Device": "",
+                        "DynamicPorts": [
+                            {"HostNetwork": "default", "Label": "http", "To": 0, "Value": 0}
+                        ],
+                        "Hostname": "",
+                        "IP": "",
+                        "MBits": 0,
+                        "Mode": "",
+                        "ReservedPorts": None,
+                    }
+                ],
+                "PreventRescheduleOnLost": False,
+                "ReschedulePolicy": {
+                    "Attempts": 0,
+                    "Delay": 30000000000,
+                    "DelayFunction": "exponential",
+                    "Interval": 0,
+                    "MaxDelay": 3600000000000,
+                    "Unlimited": True,
+                },
+                "RestartPolicy": {
+                    "Attempts": 2,
+                    "Delay": 15000000000,
+                    "Interval": 1800000000000,
+                    "Mode": "fail",
+                    "RenderTemplates": False,
+                },
+                "Scaling": None,
+                "Services": [
+                    {
+                        "Address": "",
+                        "AddressMode": "auto",
+                        "CanaryMeta": None,
+                        "CanaryTags": None,
+                        "CheckRestart": None,
+                        "Checks": None,
+                        "Cluster": "default",
+                        "Connect": None,
+                        "EnableTagOverride": False,
+                        "Identity": None,
+                        "Meta": None,
+                        "Name": "insp",
+                        "OnUpdate": "require_healthy",
+                        "PortLabel": "http",
+                        "Provider": "nomad",
+                        "TaggedAddresses": None,
+                        "Tags": ["x"],
+                        "TaskName": "",
+                    }
+                ],
+                "ShutdownDelay": None,
+                "StopAfterClientDisconnect": None,
+                "Tasks": [
+                    {
+                        "Actions": None,
+                        "Affinities": None,
+                        "Artifacts": None,
+                        "Config": {"args": ["300"], "command": "sleep"},
+                        "Constraints": None,
+                        "Consul": None,
+                        "DispatchPayload": None,
+                        "Driver": "raw_exec",
+                        "Env": None,
+                        "Identities": None,
+                        "Identity": None,
+                        "KillSignal": "",
+                        "KillTimeout": 5000000000,
+                        "Kind": "",
+                        "Leader": False,
+                        "Lifecycle": None,
+                        "LogConfig": {"Disabled": False, "MaxFileSizeMB": 10, "MaxFiles": 10},
+                        "Meta": None,
+                        "Name": "server",
+                        "Resources": {
+                            "CPU": 100,
+                            "Cores": 0,
+                            "Devices": None,
+                            "DiskMB": 0,
+                            "IOPS": 0,
+                            "MemoryMB": 300,
+                            "MemoryMaxMB": 0,
+                            "NUMA": None,
+                            "Networks": None,
+                            "SecretsMB": 0,
+                        },
+                        "RestartPolicy": {
+                            "Attempts": 2,
+                            "Delay": 15000000000,
+                            "Interval": 1800000000000,
+                            "Mode": "fail",
+                            "RenderTemplates": False,
+                        },
+                        "ScalingPolicies": None,
+                        "Schedule": None,
+                        "Services": None,
+                        "ShutdownDelay": 0,
+                        "Templates": None,
+                        "User": "",
+                        "Vault": None,
+                        "VolumeMounts": None,
+                    }
+                ],
+                "Update": {
+                    "AutoPromote": False,
+                    "AutoRevert": False,
+                    "Canary": 0,
+                    "HealthCheck": "checks",
+                    "HealthyDeadline": 300000000000,
+                    "MaxParallel": 1,
+                    "MinHealthyTime": 10000000000,
+                    "ProgressDeadline": 600000000000,
+                    "Stagger": 30000000000,
+                },
+                "Volumes": None,
+            }
+        ],
+        "Type": "service",
+        "UI": None,
+        "Update": {
+            "AutoPromote": False,
+            "AutoRevert": False,
+            "Canary": 0,
+            "HealthCheck": "",
+            "HealthyDeadline": 0,
+            "MaxParallel": 1,
+            "MinHealthyTime": 0,
+            "ProgressDeadline": 0,
+            "Stagger": 30000000000,
+        },
+        "VaultNamespace": "",
+        "VaultToken": "",
+        "Version": 0,
+    }
+}
+
+
+async def test_the_json_nomad_prints_goes_in_as_it_is_with_warnings(tmp_path: Path) -> None:
+    async with running(agent_config(tmp_path), []) as agent, aiohttp.ClientSession() as http:
+        status, body = await request(http, "POST", url(agent, "/v1/jobs"), json=INSPECTED)
+        assert status == 200, body
+        warned = body["Warnings"]
+        for field in ("Job.Constraints", "Job.TaskGroups[0].Update", "Job.TaskGroups[0].Migrate"):
+            assert field in warned, warned
+        for quiet in ("Job.Affinities", "Job.VaultToken", "Job.CreateIndex", "Templates"):
+            assert quiet not in warned, warned  # null, empty or Nomad's bookkeeping
+        (stub,) = await serving(agent, http, "insp", 1)
+        assert stub["Name"] == "insp.web[0]"
+        # Something waypost cannot do is a 400 naming it, and changes nothing.
+        refused = copy.deepcopy(INSPECTED)
+        refused["Job"]["ID"] = "insp2"
+        task = refused["Job"]["TaskGroups"][0]["Tasks"][0]
+        task["Templates"] = [{"EmbeddedTmpl": "x", "DestPath": "local/x"}]
+        status, body = await request(http, "POST", url(agent, "/v1/jobs"), json=refused)
+        assert status == 400 and "Templates" in body["field"], body
+        _, jobs = await request(http, "GET", url(agent, "/v1/jobs"))
+        assert [j["ID"] for j in jobs] == ["insp"]
+        await request(http, "DELETE", url(agent, "/v1/job/insp?purge=true"))

@@ -10,8 +10,10 @@ would, for the example job's three instances to pass their checks.
 
 Each command's output (stdout and stderr) must be the lines the README shows
 under it, in any order (SRV answers are shuffled), after the same normalisation
-of both: dynamic ports (20000-32000), allocation ids, the SOA serial, the node
-name (`vm` in the README) and the data dir (`./data`).  A plain ``` block after
+of both: dynamic ports (20000-32000), allocation ids (and the CLI's short ones),
+times, runs of spaces (table columns), the SOA serial, the node name (`vm` in
+the README) and the data dir (`./data`).  The CLI finds the agent through
+NOMAD_ADDR, set for the script.  A plain ``` block after
 `<!-- readme: make run stderr -->` is the agent's first lines on stderr, each of
 which must have been printed.
 
@@ -20,6 +22,7 @@ which must have been printed.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
@@ -109,6 +112,8 @@ def localise(command: str, dns_port: int, http_port: int) -> str:
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 DYNAMIC_PORT = re.compile(r"(?<![\d.-])(2\d{4}|3[01]\d{3}|32000)(?![\d-])")
 SOA = re.compile(r"(hostmaster\.\S+ )\d+ ")
+TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z")
+SHORT_ID = re.compile(r'(?<=")[0-9a-f]{8}(?=")')  # the CLI's short ids, as it quotes them
 
 
 def normalise(line: str, node: str, data_dir: str) -> str:
@@ -116,7 +121,9 @@ def normalise(line: str, node: str, data_dir: str) -> str:
     line = line.replace(f"node {node} (", "node vm (")
     line = UUID.sub("<uuid>", line)
     line = SOA.sub(r"\1<serial> ", line)
-    return DYNAMIC_PORT.sub("<port>", line.rstrip())
+    line = SHORT_ID.sub("<id>", TIME.sub("<time>", line))
+    line = " ".join(line.split())  # table columns and dig's tabs
+    return DYNAMIC_PORT.sub("<port>", line)
 
 
 INDEX = re.compile(r"\(index \d+\)")
@@ -137,9 +144,12 @@ def run_all(found: list[Command], agent: AgentProcess) -> list[list[str]]:
         script.append(f"echo {SEPARATOR}")
         script.append(localise(command.text, agent.dns_port, agent.http_port))
     script.append(f"echo {SEPARATOR}")
+    env = {**os.environ, "NOMAD_ADDR": f"http://127.0.0.1:{agent.http_port}"}
+    env.pop("NOMAD_TOKEN", None)
     done = subprocess.run(
         ["bash", "-c", "\n".join(script)],
         cwd=ROOT,
+        env=env,
         capture_output=True,
         text=True,
         timeout=SCRIPT_TIMEOUT,

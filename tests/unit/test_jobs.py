@@ -182,7 +182,7 @@ BAD = [
     ([*G, "Name"], "web[0]", "Job.TaskGroups[0].Name"),
     ([*G, "Networks"], [{}, {}], "Job.TaskGroups[0].Networks"),
     ([*NET, "Mode"], "cni/mynet", "Job.TaskGroups[0].Networks[0].Mode"),
-    ([*NET, "DNS"], {"Servers": []}, "Job.TaskGroups[0].Networks[0].DNS"),
+    ([*NET, "DNS"], {"Servers": ["x"]}, "Job.TaskGroups[0].Networks[0].DNS.Servers[0]"),
     ([*NET, "DynamicPorts", 0, "Label"], "", "Job.TaskGroups[0].Networks[0].DynamicPorts[0].Label"),
     (
         [*NET, "DynamicPorts", 0, "Label"],
