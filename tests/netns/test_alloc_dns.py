@@ -21,7 +21,6 @@ import socket
 import textwrap
 import threading
 from collections.abc import Iterator
-from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +30,13 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 
-from discovery.tasks.process import boot_id, find_marked, kill_marked
+from discovery.tasks.process import find_marked
 from netsetup.spec import NetConfig
-from netsetup.state import open_state
 from tests.agentproc import PYTHON, AgentProcess, wait_for
-from tests.netns.conftest import NETNS_DIR, Topology, delete_namespace, ns_socket
+from tests.netns.conftest import Topology, ns_socket
+from tests.netns.test_tasks_bridge import agents, running_alloc, start
+
+__all__ = ["agents"]  # the fixture, imported to be used here
 
 pytestmark = pytest.mark.root
 
@@ -143,50 +144,6 @@ def upstream(topology: Topology) -> Iterator[FakeUpstream]:
         server.close()
 
 
-@pytest.fixture
-def agents(topology: Topology, tmp_path: Path) -> Iterator[list[AgentProcess]]:
-    """Agents started in the topology's host namespace; everything of theirs removed after."""
-    started: list[AgentProcess] = []
-    yield started
-    for agent in started:
-        agent.kill()
-        print("".join(agent.stderr[-40:]))  # shown with a failure's report
-    data = tmp_path / "data"
-    if (data / "netsetup.db").exists():
-        with closing(open_state(data)) as state:
-            ids = [r.alloc_id for r in state.allocations()]
-        for ident in ids:
-            kill_marked(ident, "", boot_id())
-            delete_namespace(ident)
-
-
-def start(
-    topology: Topology, tmp_path: Path, agents: list[AgentProcess], recursors: list[str]
-) -> AgentProcess:
-    config = tmp_path / "agent.json"
-    client = {"min_dynamic_port": 21000, "max_dynamic_port": 21999}
-    config.write_text(json.dumps({"client": client, "dns": {"recursors": recursors}}))
-    args = ["--data-dir", str(tmp_path / "data"), "--config", str(config)]
-    args += ["--dns-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"]
-    agent = AgentProcess(args, netns=str(NETNS_DIR / topology.host))
-    agents.append(agent)
-    return agent.started()
-
-
-def running_alloc(agent: AgentProcess) -> dict[str, Any]:
-    def probe() -> dict[str, Any] | None:
-        _, stubs = agent.http("GET", "/v1/allocations")
-        live = [s for s in stubs if s["ClientStatus"] == "running"]
-        if len(live) != 1:
-            return None
-        _, alloc = agent.http("GET", f"/v1/allocation/{live[0]['ID']}")
-        found: dict[str, Any] = alloc
-        return found
-
-    alloc: dict[str, Any] = wait_for(probe, "the allocation running")
-    return alloc
-
-
 def ask_gateway(topology: Topology, name: str, source: str) -> dns.message.Message:
     """One UDP query to the gateway's port 53 from the host namespace, from `source`."""
     query = dns.message.make_query(name, "A")
@@ -211,7 +168,7 @@ def test_a_bridge_task_resolves_the_zone_and_outside_names_through_the_gateway(
     topology: Topology, tmp_path: Path, agents: list[AgentProcess], upstream: FakeUpstream
 ) -> None:
     host_resolv = Path("/etc/resolv.conf").read_bytes()
-    agent = start(topology, tmp_path, agents, [upstream.address])
+    agent = start(topology, tmp_path, agents, dns={"recursors": [upstream.address]})
     status, body = agent.http("POST", "/v1/jobs", JOB)
     assert status == 200, body
     alloc = running_alloc(agent)

@@ -92,6 +92,7 @@ def agents(topology: Topology, tmp_path: Path) -> Iterator[list[AgentProcess]]:
     yield started
     for agent in started:
         agent.kill()
+        print("\n".join(agent.stderr[-40:]))  # shown with a failure's report
     data = tmp_path / "data"
     if (data / "netsetup.db").exists():
         with closing(open_state(data)) as state:
@@ -101,11 +102,13 @@ def agents(topology: Topology, tmp_path: Path) -> Iterator[list[AgentProcess]]:
             delete_namespace(ident)
 
 
-def start(topology: Topology, tmp_path: Path, agents: list[AgentProcess]) -> AgentProcess:
+def start(
+    topology: Topology, tmp_path: Path, agents: list[AgentProcess], **settings: Any
+) -> AgentProcess:
+    """An agent in the topology's host namespace; `settings` go into its config file."""
     config = tmp_path / "agent.json"
-    config.write_text(
-        json.dumps({"client": {"min_dynamic_port": 21000, "max_dynamic_port": 21999}})
-    )
+    client = {"min_dynamic_port": 21000, "max_dynamic_port": 21999}
+    config.write_text(json.dumps({"client": client, **settings}))
     args = ["--data-dir", str(tmp_path / "data"), "--config", str(config)]
     args += ["--dns-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"]
     agent = AgentProcess(args, netns=str(NETNS_DIR / topology.host))
