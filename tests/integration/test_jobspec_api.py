@@ -19,7 +19,14 @@ from discovery.cli import load_jobs
 from discovery.errors import ConfigError
 from discovery.hclfile import hcl_to_json
 from tests.integration.conftest import task_processes
-from tests.integration.test_jobs_agent import agent_config, eventually, request, running, url
+from tests.integration.test_jobs_agent import (
+    agent_config,
+    eventually,
+    request,
+    running,
+    srv,
+    url,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 WEB_HCL = (ROOT / "examples/web.nomad.hcl").read_text()
@@ -171,3 +178,25 @@ def test_a_bad_hcl_job_file_names_the_file_the_line_and_the_key(
     err = caught.value
     assert (err.path, err.line, err.key) == (str(bad), line, key), str(err)
     assert str(err).startswith(f"{bad}:{line}: {key}: ")
+
+
+async def test_the_static_port_example_runs_as_it_is(tmp_path: Path) -> None:
+    """examples/static-port.nomad.hcl: on its static port, in DNS once its check passes."""
+    text = (ROOT / "examples/static-port.nomad.hcl").read_text()
+    async with running(agent_config(tmp_path), []) as agent, aiohttp.ClientSession() as http:
+        status, job = await request(
+            http, "POST", url(agent, "/v1/jobs/parse"), json={"JobHCL": text}
+        )
+        assert status == 200, job
+        status, body = await request(http, "POST", url(agent, "/v1/jobs"), json={"Job": job})
+        assert status == 200, body
+
+        async def in_dns() -> list[int] | None:
+            _, ports = await srv(agent, "static-port.service.nomad")
+            return ports or None
+
+        assert await eventually(in_dns, "the static port in DNS", within=40) == [30080]
+        async with http.get("http://127.0.0.1:30080/") as reply:
+            assert reply.status == 200
+        status, _ = await request(http, "DELETE", url(agent, "/v1/job/static-port?purge=true"))
+        assert status == 200

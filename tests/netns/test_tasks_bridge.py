@@ -167,3 +167,28 @@ def test_a_bridge_task_runs_in_its_namespace_and_is_adopted_by_the_next_agent(
     assert find_marked(alloc_id) == [] and not is_namespace(alloc_id)
     assert not alive(pid)
     assert again.stop() == 0
+
+
+def test_the_bridge_example_runs_as_it_is(
+    topology: Topology, tmp_path: Path, agents: list[AgentProcess]
+) -> None:
+    """examples/bridge.nomad.hcl (Nomad's guide: `port "http" { to = 3000 }`), by HCL."""
+    agent = start(topology, tmp_path, agents)
+    text = (Path(__file__).resolve().parents[2] / "examples/bridge.nomad.hcl").read_text()
+    status, job = agent.http("POST", "/v1/jobs/parse", {"JobHCL": text, "Canonicalize": True})
+    assert status == 200, job
+    status, body = agent.http("POST", "/v1/jobs", {"Job": job})
+    assert status == 200, body
+    alloc = running_alloc(agent)
+    (port,) = alloc["AllocatedResources"]["Shared"]["Ports"]
+    assert port["To"] == 3000
+    answer = wait_for(
+        lambda: http_get_from(topology.external, topology.host_ip, port["Value"]),
+        "the example answering through the forwarded port",
+    )
+    assert answer.startswith("HTTP/1.0 200")
+    wait_for(lambda: agent.srv_ports("bridge.service.nomad.") == [port["Value"]], "in DNS")
+    status, _ = agent.http("DELETE", "/v1/job/bridge?purge=true")
+    assert status == 200
+    assert find_marked(alloc["ID"]) == [] and not is_namespace(alloc["ID"])
+    assert agent.stop() == 0
