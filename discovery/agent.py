@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     from discovery.jobs import JobSpec
     from discovery.mirror import Mirror
 from discovery.registry import Registry
-from discovery.store import Store, open_store
+from discovery.store import DB_NAME, Store, open_store
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +186,14 @@ async def start_agent(config: AgentConfig, jobs: Sequence[JobSpec] = ()) -> Agen
     """
     parts = contextlib.AsyncExitStack()
     try:
+        data = Path(config.data_dir)
+        if (data / "netsetup.db").exists() and not (data / DB_NAME).exists():
+            log.warning(
+                "%s is missing next to %s: registrations and jobs are gone; allocations"
+                " that no job owns will be torn down",
+                data / DB_NAME,
+                data / "netsetup.db",
+            )
         store = await asyncio.to_thread(open_store, config.data_dir)
         parts.push_async_callback(store.close)
         restored = store.load()

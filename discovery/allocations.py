@@ -88,6 +88,7 @@ NetworkOpener = Callable[[], Awaitable[NetworkPort]]
 UPDATED = "alloc is being updated due to job update"
 STOPPED = "alloc is being stopped"
 SHUTDOWN = "the agent is shutting down (-dev)"
+NETSETUP_DB = "netsetup.db"  # netsetup's state, in the data dir next to the alloc dir
 
 
 class JobStore(Protocol):
@@ -482,7 +483,11 @@ class JobRunner:
                 for a in allocs.values()
                 if not a.terminal and (j := jobs.get(a.job_id)) is not None and not j.stop
             }
-            if job_rows or alloc_rows:  # else there is nothing of ours in netsetup either
+            # netsetup is loaded only when there can be something of ours in it: our
+            # records, or its own state (a lost waypost.db, a crash before the first
+            # record: allocations no job owns, torn down by the sweep)
+            netsetup_state = (self._ctx.alloc_root.parent / NETSETUP_DB).exists()
+            if job_rows or alloc_rows or netsetup_state:
                 claimed = await self._restore(jobs, keep)
                 await self._sweep(claimed)
 

@@ -13,12 +13,15 @@ import copy
 import os
 import random
 import signal
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import nomad
 
+from netsetup.state import open_state
+from tests.integration.conftest import task_processes
 from tests.integration.test_jobs_agent import (
     TIMEOUT,
     agent_config,
@@ -405,3 +408,28 @@ async def test_the_json_nomad_prints_goes_in_as_it_is_with_warnings(tmp_path: Pa
         _, jobs = await request(http, "GET", url(agent, "/v1/jobs"))
         assert [j["ID"] for j in jobs] == ["insp"]
         await request(http, "DELETE", url(agent, "/v1/job/insp?purge=true"))
+
+
+async def test_a_lost_waypost_db_leaves_nothing_running_that_no_job_owns(
+    tmp_path: Path, caplog: Any
+) -> None:
+    # Outside --dev the tasks outlive the agent; then the agent's own database goes
+    # (netsetup's stays): the next agent must tear down what no job owns, and say why.
+    config = agent_config(tmp_path, dev=False)
+    async with running(config, [server_job("lost", count=2)]) as agent:
+        async with aiohttp.ClientSession() as http:
+            await serving(agent, http, "lost", 2)
+        pids = leaders(tmp_path)
+        assert len(pids) == 2
+    assert leaders(tmp_path) == pids  # detached, still running
+    await asyncio.to_thread(_remove_db, tmp_path)
+    async with running(config, []):
+        assert not task_processes(tmp_path)  # killed by the sweep
+        with closing(open_state(tmp_path)) as state:
+            assert not state.allocations()
+        assert "waypost.db is missing next to" in caplog.text
+
+
+def _remove_db(data_dir: Path) -> None:
+    for path in data_dir.glob("waypost.db*"):
+        path.unlink()
