@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUN_STAMP := $(VENV)/.installed-run
 
-.PHONY: run test check fmt lint typecheck pytest bench system-deps bench-deps clean
+.PHONY: run test check fmt lint typecheck pytest bench soak system-deps bench-deps clean
 
 # What the agent needs to run (no test or lint tools: `make run` starts fast on a fresh clone).
 $(RUN_STAMP): pyproject.toml
@@ -53,6 +53,10 @@ bench: bench-deps
 	$(BIN)/python -m tests.bench.mirror_sync
 	$(BIN)/python -m tests.bench.net_setup
 	$(BIN)/python -m tests.bench.task_start
+
+## soak: 60 s of DNS at half its peak, registration churn and a job run and stopped every second
+soak: bench-deps
+	$(BIN)/python -m tests.bench.soak --duration 60
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
