@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import resource
 import signal
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -178,12 +179,27 @@ async def run_jobs(runner: JobRunner, jobs: Sequence[JobSpec]) -> None:
         log.info("job %s %s: %d allocations", spec.id, what, count)
 
 
+def raise_open_files_limit() -> int:
+    """Raise RLIMIT_NOFILE's soft limit to the hard one, as Go's runtime does for Consul and
+    Nomad (every HTTP connection and watcher is a descriptor); the soft limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as err:  # an infinite hard limit, above fs.nr_open
+        log.warning("open files limit stays at %d (hard limit %d): %s", soft, hard, err)
+        return soft
+    return hard
+
+
 async def start_agent(config: AgentConfig, jobs: Sequence[JobSpec] = ()) -> Agent:
     """Open the state, rebuild the registry, start every part, then run `jobs`.
 
     Error handling: an unusable data dir raises StateError and an address that
     cannot be bound raises OSError; either way nothing stays open or running.
     """
+    raise_open_files_limit()
     parts = contextlib.AsyncExitStack()
     try:
         data = Path(config.data_dir)
@@ -268,7 +284,12 @@ async def _start_http(
         api_consul.ROUTES
         + api_nomad.ROUTES
         + api_waypost.routes(status)
-        + api_jobs.routes(runner, config.node_name, config.datacenter)
+        + api_jobs.routes(
+            runner,
+            config.node_name,
+            config.datacenter,
+            host_networks=[n.name for n in config.client.host_networks],
+        )
         + api_jobspec.ROUTES
     )
     streams = [

@@ -12,10 +12,18 @@ then call the read once (the adapter caches the encoded body per index, so
 10,000 watchers woken by one change cost one encoding).
 Writes are coroutines that change state through :class:`ApiContext` and
 return once the change is durable.
+
+Request bodies are JSON read by :func:`decode_json`, the one decoder of the
+API: a body nested deeper than MAX_JSON_DEPTH, a number of more than
+MAX_JSON_DIGITS digits, NaN or Infinity (not JSON: RFC 8259 section 6), or a
+body that is not UTF-8 is a ValidationError on field "body" (a 400), never a
+RecursionError or the ValueError of Python's int-string conversion limit.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -28,6 +36,91 @@ from discovery.registry import Registry, Snapshot
 # Watch everything (catalog-wide endpoints): woken by any registry change.
 WATCH_ALL = "*"
 __all__ = ["Access"]  # re-exported: routes name the access they need
+# Nomad's deepest job JSON (Job.TaskGroups[].Tasks[].Services[].Checks[].Header{}[]) is
+# about 12 levels; the validators recurse (is_empty), so a body is refused well before
+# Python's recursion limit (1000 frames) could be reached.
+MAX_JSON_DEPTH = 64
+# uint64 has 20 digits; int() refuses over 4300 (sys.get_int_max_str_digits) with a
+# ValueError, and str() of an int that long fails again in an error message.
+MAX_JSON_DIGITS = 32
+
+
+class _TooLarge(Exception):
+    """A number literal of more than MAX_JSON_DIGITS digits, or NaN/Infinity."""
+
+
+def _parse_int(text: str) -> int:
+    if len(text) > MAX_JSON_DIGITS + 1 and len(text.lstrip("-")) > MAX_JSON_DIGITS:
+        raise _TooLarge(f"a number of {len(text.lstrip('-'))} digits (at most {MAX_JSON_DIGITS})")
+    return int(text)
+
+
+def _parse_float(text: str) -> float:
+    if len(text) > 2 * MAX_JSON_DIGITS:
+        raise _TooLarge(f"a number of {len(text)} characters (at most {2 * MAX_JSON_DIGITS})")
+    return float(text)
+
+
+def _parse_constant(text: str) -> float:
+    raise _TooLarge(f"{text} (not JSON)")
+
+
+def _depth(value: object) -> int:
+    """How deeply arrays and objects nest in `value` (0 for a scalar).  Iterative."""
+    deepest = 0
+    todo: list[tuple[object, int]] = [(value, 0)]
+    while todo:
+        item, level = todo.pop()
+        if isinstance(item, dict):
+            children: Sequence[object] = list(item.values())
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, level + 1)
+        if deepest > MAX_JSON_DEPTH:
+            break
+        todo.extend((child, level + 1) for child in children)
+    return deepest
+
+
+def _limited(body: bytes) -> object:
+    """json.loads within the limits: ValidationError over them, json's ValueErrors otherwise."""
+    try:
+        value = json.loads(
+            body, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_parse_constant
+        )
+    except RecursionError:
+        raise ValidationError("body", f"is nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except _TooLarge as err:
+        raise ValidationError("body", f"has {err}") from None
+    if _depth(value) > MAX_JSON_DEPTH:
+        raise ValidationError("body", f"is nested deeper than {MAX_JSON_DEPTH} levels")
+    return value
+
+
+def decode_json(body: bytes) -> object:
+    """The JSON value of a request body.  ValidationError("body", ...) when it is not one
+    or when it is over the limits (depth, digits); never anything else.  Pure."""
+    try:
+        return _limited(body)
+    except UnicodeDecodeError:
+        raise ValidationError("body", "is not UTF-8 text") from None
+    except json.JSONDecodeError as err:
+        raise ValidationError(
+            "body", f"is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}"
+        ) from None
+    except ValueError as err:  # json.loads's own (a byte order mark, say)
+        raise ValidationError("body", f"is not valid JSON: {err}") from None
+
+
+def check_json_limits(body: bytes) -> None:
+    """Raise decode_json's ValidationError if `body` is JSON over the limits (too deep, a
+    number too long, NaN); a body that is not JSON passes: its handler judges it."""
+    if body.lstrip()[:1] not in (b"{", b"["):
+        return
+    with contextlib.suppress(ValueError):  # not JSON (JSONDecodeError...): not ours to say
+        _limited(body)
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,6 +49,7 @@ from discovery.api import (
     Read,
     Route,
     Write,
+    decode_json,
 )
 from discovery.api_consul_node import (
     address_family,
@@ -484,16 +485,7 @@ def parse_json_object(body: bytes) -> Mapping[str, object]:
     """A request body that must be one JSON object; ValidationError("body", ...) otherwise."""
     if not body.strip():
         raise ValidationError("body", "is empty; expected a JSON object")
-    try:
-        value = json.loads(body)
-    except UnicodeDecodeError:
-        raise ValidationError("body", "is not UTF-8 text") from None
-    except json.JSONDecodeError as err:
-        raise ValidationError(
-            "body", f"is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}"
-        ) from None
-    except RecursionError:
-        raise ValidationError("body", "is nested too deeply") from None
+    value = decode_json(body)
     if not isinstance(value, dict):
         raise ValidationError("body", f"must be a JSON object, not {_json_type(value)}")
     return value

@@ -44,7 +44,7 @@ import json
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from discovery.acl import Access
@@ -260,8 +260,18 @@ def _prefixed(items: Mapping[str, Any], req: ApiRequest) -> list[str]:
     return sorted(k for k in items if k.startswith(prefix))
 
 
-def routes(runner: JobRunner, node: str, datacenter: str = "dc1") -> tuple[Route, ...]:
-    """The job and allocation routes around `runner`; `node` names this agent's node."""
+def routes(
+    runner: JobRunner,
+    node: str,
+    datacenter: str = "dc1",
+    *,
+    host_networks: Sequence[str] = (),
+) -> tuple[Route, ...]:
+    """The job and allocation routes around `runner`; `node` names this agent's node.
+
+    `host_networks`: the client's host network names, the only ones a port's
+    `HostNetwork` may name (else a 400 at that field).
+    """
 
     evals: OrderedDict[str, Json] = OrderedDict()
     eval_allocs: dict[str, tuple[str, ...]] = {}  # eval id -> the allocations it placed or stopped
@@ -311,7 +321,7 @@ def routes(runner: JobRunner, node: str, datacenter: str = "dc1") -> tuple[Route
             diff = bool(body.pop("Diff", False))
             body.pop("PolicyOverride", None)
         try:
-            spec = parse_job(body)
+            spec = parse_job(body, host_networks=host_networks)
         except ValidationError as err:
             raise ApiError.invalid(err) from None
         wanted = req.params.get("id")

@@ -541,6 +541,8 @@ _SETTINGS: Mapping[str, Callable[[Any, str], object]] = {
     "dns.allow_recursion_from": _networks,
     "dns.edns_max_payload": _ranged(512, 65535),  # RFC 6891 section 6.2.5: below 512 means 512
     "dns.tcp_idle_timeout": positive_seconds,
+    "dns.cache_max_bytes": _ranged(0, 1 << 40),  # octets; 0 keeps nothing
+    "dns.tcp_max_per_client": _ranged(1, 65535),
     "acl.enabled": _bool,
     "acl.default_policy": parse_default_policy,
     "acl.tokens": parse_tokens,

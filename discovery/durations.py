@@ -14,6 +14,9 @@ from discovery.errors import ValidationError
 _NS_PER_UNIT = {"ns": 1, "us": 10**3, "µs": 10**3, "μs": 10**3, "ms": 10**6, "s": 10**9}
 _NS_PER_UNIT |= {"m": 60 * 10**9, "h": 3600 * 10**9}
 # Go's time.ParseDuration, which Consul and Nomad use: "1h30m", "250ms", "1.5s".
+# Go's time.Duration is an int64 of nanoseconds: ParseDuration refuses longer ones; here
+# they would overflow float division (OverflowError) once turned into seconds.
+MAX_DURATION_NS = 2**63 - 1
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
 
 
@@ -29,7 +32,7 @@ def duration_ns(value: object, fieldname: str) -> int:
     if isinstance(value, int | float):
         try:
             ns = Decimal(str(value)) * 10**9
-        except InvalidOperation:
+        except (InvalidOperation, ValueError):  # ValueError: str() of an int over 4300 digits
             raise ValidationError(fieldname, f"{value!r} is not a duration") from None
     elif value == "0":
         ns = Decimal(0)
@@ -49,7 +52,15 @@ def duration_ns(value: object, fieldname: str) -> int:
         raise ValidationError(fieldname, f"{value!r} is not a duration")
     if ns < 0:
         raise ValidationError(fieldname, f"{value!r} must not be negative")
+    if ns > MAX_DURATION_NS:
+        raise ValidationError(fieldname, f"{_short(value)} is longer than {MAX_DURATION_NS} ns")
     return int(ns)
+
+
+def _short(value: object) -> str:
+    """`value` for an error message, cut to 40 characters (str() of a huge int may fail)."""
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**40 else "a number"
+    return text if len(text) <= 40 else f"{text[:37]}..."
 
 
 def positive_seconds(value: object, fieldname: str) -> float:

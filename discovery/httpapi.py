@@ -22,8 +22,16 @@ and does, for every route, what the endpoint modules must not care about:
   path, query without index/wait, snapshot index), so 10,000 watchers woken
   by one change cost one read and one ``json.dumps``.
 - errors as JSON: ``{"error": ..., "field": ...}`` for ApiError (4xx),
-  unknown routes (404), wrong methods (405), bodies over 1 MiB (413); any other
-  exception is logged and answered 500, and the server keeps serving.
+  unknown routes (404), wrong methods (405), bodies over 1 MiB (413), bodies
+  over the JSON limits (400, :func:`discovery.api.check_json_limits`), and
+  what aiohttp's parser refuses (400: :class:`_Handler`, with token values
+  redacted from the message); any other exception is logged and answered 500,
+  and the server keeps serving.  Those log lines are redacted too and at most
+  ERROR_LOG_PER_SECOND a second (then a count of the suppressed ones).
+- connections: a request head must arrive whole within HEAD_TIMEOUT (else
+  408 and close, on the fast path and on aiohttp's), one source address holds
+  at most MAX_CLIENT_CONNECTIONS (then 429 and close), and a warning is
+  logged when open connections near RLIMIT_NOFILE (:class:`ConnectionLimits`).
 - streams (:class:`StreamRoute`): a handler that writes chunks for as long as
   it likes (the event stream), cancelled when the server closes.
 - the fast path: each connection is a :class:`_Connection` that frames
@@ -46,8 +54,12 @@ import dataclasses
 import json
 import logging
 import random
+import re
+import resource
 import socket
+import sys
 import time
+import traceback
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -60,7 +72,15 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http import SERVER_SOFTWARE
 
 from discovery.acl import Access, AclSettings, allowed
-from discovery.api import ApiContext, ApiError, ApiRequest, ApiResponse, Route
+from discovery.api import (
+    MAX_JSON_DIGITS,
+    ApiContext,
+    ApiError,
+    ApiRequest,
+    ApiResponse,
+    Route,
+    check_json_limits,
+)
 from discovery.blocking import MIN_INDEX, Waiters, watch_index
 from discovery.durations import parse_duration
 from discovery.errors import NotFoundError, ValidationError
@@ -88,6 +108,13 @@ CACHE_BYTES = 64 << 20  # and at most this many bytes of them
 LISTEN_BACKLOG = 4096
 SHUTDOWN_GRACE = 2.0  # seconds for in-flight requests when the server closes
 KEEPALIVE_TIMEOUT = 75.0  # seconds an idle connection stays open: aiohttp's default
+# A request head must arrive whole within this (Go's http.Server ReadHeaderTimeout; Consul
+# and Nomad set it): a client trickling a head a byte at a time holds a connection forever.
+HEAD_TIMEOUT = 10.0  # seconds
+# Connections from one source address at a time (Consul's http_max_conns_per_client: 200).
+MAX_CLIENT_CONNECTIONS = 256
+FD_WARN_FRACTION = 0.8  # warn when open connections pass this fraction of RLIMIT_NOFILE
+ERROR_LOG_PER_SECOND = 5  # log lines of bad requests and failures a second; the rest counted
 BLOCKING_PARAMS = frozenset({"index", "wait", "hash"})
 CONTENT_HASH = "X-Consul-ContentHash"  # set by reads that block on ?hash= (Consul's agent/service)
 UNMATCHED = "<unmatched>"  # the route label of requests no route matched
@@ -233,6 +260,61 @@ class _WireCache:
         return self._date
 
 
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    """Per-connection limits of the server (tests shorten them)."""
+
+    head_timeout: float = HEAD_TIMEOUT
+    per_client: int = MAX_CLIENT_CONNECTIONS
+    # RLIMIT_NOFILE's soft limit when the server started (the agent raises it to the hard one)
+    open_files: int = dataclasses.field(
+        default_factory=lambda: resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    )
+
+
+class LogBudget:
+    """At most `per_second` log lines a second; the lines over are counted, not written.
+
+    :meth:`take` says whether to write a line, and how many were held back
+    before it (to be said in that line).  10,000 malformed requests in a few
+    seconds once wrote 5 MB of tracebacks; now they write a few lines a second.
+    """
+
+    def __init__(self, per_second: int) -> None:
+        self.per_second = per_second
+        self.suppressed = 0
+        self._second = -1
+        self._used = 0
+
+    def take(self, now: float) -> int | None:
+        """None: do not log this one; else the number suppressed since the last logged."""
+        second = int(now)
+        if second != self._second:
+            self._second, self._used = second, 0
+        if self._used >= self.per_second:
+            self.suppressed += 1
+            return None
+        self._used += 1
+        held, self.suppressed = self.suppressed, 0
+        return held
+
+
+# What aiohttp's parser errors quote of a request (a header line, the request line) may
+# carry a token: the value of these fields, and a query's token=, are cut from the
+# message before it is logged or answered.
+_SECRET_FIELD = re.compile(
+    r"(?i)\b((?:x-consul-token|x-nomad-token|authorization|proxy-authorization|cookie)"
+    r"\s*:\s*)[^\r\n]*"
+)
+_SECRET_QUERY = re.compile(r"(?i)(\btoken=)[^&\s'\"#\\]*")
+REDACTED = "[redacted]"
+
+
+def redact(text: str) -> str:
+    """`text` with the values of token fields and of `token=` replaced by [redacted]."""
+    return _SECRET_QUERY.sub(rf"\1{REDACTED}", _SECRET_FIELD.sub(rf"\1{REDACTED}", text))
+
+
 @dataclass(slots=True)
 class _State:
     ctx: ApiContext
@@ -242,6 +324,10 @@ class _State:
     wire: _WireCache = dataclasses.field(default_factory=_WireCache)
     streams: set[asyncio.Task[Any]] = dataclasses.field(default_factory=set)
     connections: set[_Connection] = dataclasses.field(default_factory=set)
+    limits: ConnectionLimits = dataclasses.field(default_factory=ConnectionLimits)
+    clients: Counter[str] = dataclasses.field(default_factory=Counter)  # connections by address
+    errors: LogBudget = dataclasses.field(default_factory=lambda: LogBudget(ERROR_LOG_PER_SECOND))
+    handler_args: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 STATE = web.AppKey("waypost_http", _State)
@@ -277,6 +363,7 @@ async def start_http(
     *,
     streams: Sequence[StreamRoute] = (),
     stats: HttpStats | None = None,
+    limits: ConnectionLimits | None = None,
 ) -> HttpServer:
     """Serve `routes` (and `streams`) on host:port (0: any free port) on the running loop.
 
@@ -291,18 +378,25 @@ async def start_http(
     for stream in streams:
         app.router.add_route("GET", stream.path, _stream_handler(stream))
     app.on_shutdown.append(_on_shutdown)
+    # What the runner's web.Server gives each RequestHandler; _Connection makes them.
+    handler_args = {
+        "access_log_class": _AccessLog,
+        "access_log": access_log,
+        "keepalive_timeout": KEEPALIVE_TIMEOUT,
+    }
     runner = web.AppRunner(
         app,
-        access_log_class=_AccessLog,
-        access_log=access_log,
         handler_cancellation=True,  # a client that hangs up stops its blocking query
-        keepalive_timeout=KEEPALIVE_TIMEOUT,
         shutdown_timeout=SHUTDOWN_GRACE,
+        **handler_args,  # type: ignore[arg-type]
     )
     await runner.setup()
     server = runner.server
     assert server is not None  # set by setup()
     state = app[STATE]
+    state.handler_args = handler_args
+    if limits is not None:
+        state.limits = limits
     try:
         # Not a TCPSite: every connection starts as a _Connection, which hands aiohttp
         # (server(), a RequestHandler per connection) what it does not answer itself.
@@ -376,6 +470,8 @@ def _route_handler(route: Route) -> Handler:
         body = await request.read() if request.body_exists else b""
         req = _api_request(request, body, state.ctx)
         if route.write is not None:
+            # Every body within the JSON limits, whichever decoder its endpoint uses.
+            check_json_limits(body)
             written = await route.write(req, state.ctx)
             return _respond(_encode(written, written.index))
         encoded = await _read(state, route, req)
@@ -470,6 +566,8 @@ def parse_blocking(req: ApiRequest) -> tuple[int, float] | None:
         return None
     if not (raw.isascii() and raw.isdigit()):
         raise ApiError(400, f"index: {raw!r} is not a non-negative integer", "index")
+    if len(raw) > MAX_JSON_DIGITS:  # int() refuses over 4300 digits with a ValueError
+        raise ApiError(400, f"index: more than {MAX_JSON_DIGITS} digits", "index")
     return int(raw), _parse_wait(req)
 
 
@@ -602,6 +700,75 @@ def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
     return _error_response(exc.status, exc.reason)
 
 
+def error_bytes(status: int, message: str) -> bytes:
+    """A whole HTTP/1.1 error response in our JSON shape that closes the connection (for
+    the fast path's own answers: a head that timed out, a client over its connections)."""
+    body = json.dumps({"error": message}).encode()
+    head = (
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
+        f"Content-Type: application/json; charset=utf-8\r\nContent-Length: {len(body)}\r\n"
+        f"Connection: close\r\nServer: {SERVER_SOFTWARE}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+class _Handler(web.RequestHandler):
+    """aiohttp's handler of one connection, its own error answers in our JSON shape.
+
+    aiohttp answers what its parser refuses (a bad request line or field, 400) and
+    what escapes the application (500) in text/plain, quoting the raw line, and logs
+    a traceback for each.  Here: JSON ``{"error"}``, tokens cut out of the message
+    (:func:`redact`), one log line per bad request, at most ERROR_LOG_PER_SECOND
+    lines a second (:class:`LogBudget`).
+    """
+
+    __slots__ = ("_budget",)
+
+    def __init__(self, server: web.Server, budget: LogBudget, **kwargs: Any) -> None:
+        super().__init__(server, loop=asyncio.get_running_loop(), **kwargs)
+        self._budget = budget
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status >= 500:
+            self.log_exception("%s: error handling a request", request.remote, exc_info=exc)
+            text = "internal error; see the agent's log"
+        else:
+            text = redact(message or HTTPStatus(status).phrase).strip()
+            self._log(logging.WARNING, f"bad request from {request.remote}: {status} {text}")
+        if request.writer.output_size > 0:  # as aiohttp: a response has begun; hang up
+            raise ConnectionError("response already started: cannot send an error")
+        response = _error_response(status, text)
+        response.force_close()
+        return response
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        """aiohttp's error log lines (with a traceback), redacted and within the budget."""
+        try:
+            line = str(args[0]) % args[1:] if len(args) > 1 else str(args[0] if args else "")
+        except (TypeError, ValueError):
+            line = " ".join(map(str, args))
+        exc = kw.get("exc_info")
+        if exc is True:
+            exc = sys.exc_info()[1]
+        if isinstance(exc, BaseException):
+            line += "\n" + "".join(traceback.format_exception(exc)).rstrip()
+        self._log(logging.ERROR, line)
+
+    def _log(self, level: int, line: str) -> None:
+        held = self._budget.take(time.monotonic())
+        if held is None:
+            return
+        if held:
+            line += f" ({held} more such lines suppressed)"
+        log.log(level, "%s", redact(line))
+
+
 class _AccessLog(AbstractAccessLogger):
     """One debug line per request: method, path (never the query: it may hold a token)."""
 
@@ -645,8 +812,11 @@ class _Connection(asyncio.Protocol):
     __slots__ = (
         "_active",
         "_buffer",
+        "_client",
         "_handed",
         "_handler",
+        "_head_since",
+        "_head_timer",
         "_paused",
         "_server",
         "_state",
@@ -666,20 +836,52 @@ class _Connection(asyncio.Protocol):
         self._paused = False
         self._active = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        self._client = ""  # the peer's address while it is counted in state.clients
+        self._head_since: float | None = None  # when the request head now arriving began
+        self._head_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport = cast(asyncio.Transport, transport)  # uvloop's: not a subclass
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)  # as aiohttp does
-        self._state.connections.add(self)
+        state = self._state
+        state.connections.add(self)
         self._active = asyncio.get_running_loop().time()
+        peer = transport.get_extra_info("peername")
+        client = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        if state.clients[client] >= state.limits.per_client:
+            transport.write(
+                error_bytes(429, f"more than {state.limits.per_client} connections from {client}")
+            )
+            transport.close()
+            self._log_limit(f"HTTP: {client} is at its {state.limits.per_client} connections")
+            return
+        self._client = client
+        state.clients[client] += 1
+        if len(state.connections) >= state.limits.open_files * FD_WARN_FRACTION:
+            self._log_limit(
+                f"HTTP: {len(state.connections)} connections open, near the limit of"
+                f" {state.limits.open_files} open files (RLIMIT_NOFILE)"
+            )
         self._start_timer()
 
+    def _log_limit(self, line: str) -> None:
+        held = self._state.errors.take(time.monotonic())
+        if held is not None:
+            log.warning("%s%s", line, f" ({held} more such lines suppressed)" if held else "")
+
     def connection_lost(self, exc: BaseException | None) -> None:
-        self._state.connections.discard(self)
+        state = self._state
+        state.connections.discard(self)
+        if self._client:
+            state.clients[self._client] -= 1
+            if state.clients[self._client] <= 0:
+                del state.clients[self._client]
+            self._client = ""
         if self._timer is not None:
             self._timer.cancel()
+        self._head_done()
         if self._handler is not None:
             self._handler.connection_lost(exc)
 
@@ -706,6 +908,8 @@ class _Connection(asyncio.Protocol):
         try:
             if self._through:
                 self._hand_over(data)
+                # Whether aiohttp now holds part of a head is known once its loop has run.
+                asyncio.get_running_loop().call_soon(self._note_head)
             else:
                 self._frame(data)
         except Exception:  # a bug of ours: this connection's end, not the loop's
@@ -723,7 +927,9 @@ class _Connection(asyncio.Protocol):
                 if len(buffer) > MAX_HEAD or b"\n\n" in buffer or b"\n\r\n" in buffer:
                     break  # too long, or lines ended by LF alone: aiohttp's to judge
                 self._buffer = buffer
+                self._head_begun()
                 return
+            self._head_done()
             head = parse_head(buffer[:end]) if end <= MAX_HEAD else None
             if head is None:
                 break  # not plain: this and all that follows is aiohttp's
@@ -746,6 +952,7 @@ class _Connection(asyncio.Protocol):
         self._buffer = b""
         self._through = True
         self._hand_over(buffer)
+        asyncio.get_running_loop().call_soon(self._note_head)
 
     def _reading(self) -> bool:
         transport = self._transport
@@ -797,7 +1004,8 @@ class _Connection(asyncio.Protocol):
             transport = self._transport
             if transport is None or transport.is_closing():
                 return
-            self._handler = self._server()
+            state = self._state
+            self._handler = _Handler(self._server, state.errors, **state.handler_args)
             self._handler.connection_made(transport)
             if self._paused:
                 self._handler.pause_writing()
@@ -807,6 +1015,51 @@ class _Connection(asyncio.Protocol):
             self._timer = None
         if data:
             self._handler.data_received(data)
+
+    # -- the head timeout: a request head must arrive whole within limits.head_timeout
+
+    def _head_begun(self) -> None:
+        if self._head_since is not None:
+            return
+        loop = asyncio.get_running_loop()
+        self._head_since = loop.time()
+        self._head_timer = loop.call_at(
+            self._head_since + self._state.limits.head_timeout, self._head_expired
+        )
+
+    def _head_done(self) -> None:
+        self._head_since = None
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _note_head(self) -> None:
+        """After aiohttp was handed bytes: if it waits for a request still, a head is
+        partly in its parser (its loop wakes on a whole one); else it has a request."""
+        if self._transport is None or self._transport.is_closing():
+            return
+        if self._handler_waiting():
+            self._head_begun()
+        else:
+            self._head_done()
+
+    def _handler_waiting(self) -> bool:
+        waiter = getattr(self._handler, _AIOHTTP_WAITER, None)
+        return isinstance(waiter, asyncio.Future) and not waiter.done()
+
+    def _head_expired(self) -> None:
+        """Answer 408 and close, unless the head has arrived meanwhile (or aiohttp has it)."""
+        self._head_timer = None
+        transport = self._transport
+        if self._head_since is None or transport is None or transport.is_closing():
+            return
+        if self._through and not self._handler_waiting():
+            self._head_since = None  # aiohttp holds a request: the head came whole
+            return
+        self._head_since = None
+        timeout = self._state.limits.head_timeout
+        transport.write(error_bytes(408, f"request head not received within {timeout:g}s"))
+        transport.close()
 
     def _start_timer(self) -> None:
         loop = asyncio.get_running_loop()

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -76,7 +76,7 @@ from discovery.tasks.spec import (
     render_task,
 )
 from netsetup.errors import SpecError
-from netsetup.spec import AllocNetwork, DnsConfig, NetworkSpec, PortSpec
+from netsetup.spec import DEFAULT_HOST_NETWORK, AllocNetwork, DnsConfig, NetworkSpec, PortSpec
 
 HOST_NETWORK = NetworkSpec()  # a group without Networks: host mode, no ports
 SOURCE = "job"  # Instance.source of the instances jobs register
@@ -231,11 +231,13 @@ def _name(value: str, path: str) -> str:
     return value
 
 
-def parse_job(body: object) -> JobSpec:
+def parse_job(body: object, *, host_networks: Collection[str] | None = None) -> JobSpec:
     """The job of a `POST /v1/jobs` body (`{"Job": {...}}`, or the job object itself).
 
     Nomad's fields that mean nothing here and have a value are listed in the
     spec's `warnings` (`Job.TaskGroups[0].Update: ignored (means nothing on one host)`).
+    `host_networks`, when given, are the names a port's `HostNetwork` may take
+    (the client's `host_network` blocks; "" and "default" always).
 
     Error handling: ValidationError naming the JSON path of the first bad field.
     """
@@ -247,7 +249,29 @@ def parse_job(body: object) -> JobSpec:
         spec = _parse_job(request.get("Job"), warnings)
     else:
         spec = _parse_job(body, warnings)
+    if host_networks is not None:
+        check_host_networks(spec, host_networks)
     return replace(spec, warnings=tuple(warnings))
+
+
+def check_host_networks(spec: JobSpec, known: Collection[str]) -> None:
+    """A ValidationError at the port's `HostNetwork` when it names no host network in
+    `known` (a 400 now, rather than netsetup's refusal once allocations are set up)."""
+    names = {"", DEFAULT_HOST_NETWORK, *known}
+    for i, group in enumerate(spec.groups):
+        counts = {True: 0, False: 0}
+        for port in group.network.ports:
+            static = port.static is not None
+            j = counts[static]
+            counts[static] += 1
+            if port.host_network in names:
+                continue
+            kind = "ReservedPorts" if static else "DynamicPorts"
+            where = f"Job.TaskGroups[{i}].Networks[0].{kind}[{j}].HostNetwork"
+            listed = ", ".join(sorted(n for n in names if n))
+            raise ValidationError(
+                where, f"unknown host network {port.host_network!r} (known: {listed})"
+            )
 
 
 def _parse_job(raw: object, warnings: list[str]) -> JobSpec:

@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from discovery.durations import duration_ns
+from discovery.durations import MAX_DURATION_NS, duration_ns
 from discovery.errors import ValidationError
 
 # Nomad fields whose effect waypost cannot give: refused rather than silently dropped.
@@ -136,7 +136,9 @@ def seconds(value: object, path: str) -> float:
         raise ValidationError(path, 'must be nanoseconds (an integer) or a duration like "10s"')
     if isinstance(value, int):
         if value < 0:
-            raise ValidationError(path, f"{value} must not be negative")
+            raise ValidationError(path, "must not be negative")
+        if value > MAX_DURATION_NS:
+            raise ValidationError(path, f"is longer than {MAX_DURATION_NS} ns")
         return value / 10**9
     return duration_ns(value, path) / 10**9
 

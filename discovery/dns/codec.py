@@ -13,14 +13,24 @@ import struct
 
 import dnslib
 
-from discovery.dns.wire import EDNS_DO, FORMERR, HEADER_SIZE, TYPE_OPT, Edns, Query, QueryError
+from discovery.dns.wire import (
+    EDNS_DO,
+    FORMERR,
+    HEADER_SIZE,
+    TYPE_OPT,
+    Edns,
+    Query,
+    QueryError,
+    opts_fit,
+)
 
 
 def parse_unusual_query(data: bytes, name_end: int) -> Query:
     """Decode the whole message and extract what the responder needs.
 
     Error handling: a message dnslib cannot decode, or one with more than one
-    OPT record or an OPT not owned by the root (RFC 6891 section 6.1.1), raises
+    OPT record, an OPT not owned by the root (RFC 6891 section 6.1.1) or an
+    option running past its OPT's RDATA (section 6.1.2), raises
     QueryError(FORMERR) carrying the question, which parse_query already checked.
     """
     question = data[HEADER_SIZE : name_end + 4]
@@ -31,6 +41,9 @@ def parse_unusual_query(data: bytes, name_end: int) -> Query:
     opts = [rr for rr in message.ar if rr.rtype == TYPE_OPT]
     if len(opts) > 1 or any(str(rr.rname) != "." for rr in opts):
         raise QueryError(FORMERR, question)
+    records = len(message.rr) + len(message.auth) + len(message.ar)
+    if opts and not opts_fit(data, name_end, records):
+        raise QueryError(FORMERR, question)  # an option overruns the OPT (RFC 6891 6.1.2)
     edns = None
     if opts:
         ttl = int(opts[0].ttl)

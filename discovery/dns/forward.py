@@ -27,6 +27,8 @@ from collections.abc import Iterable, Sequence
 from contextlib import suppress
 from typing import Any
 
+from discovery.dns.settings import DEFAULT_EDNS_PAYLOAD
+
 log = logging.getLogger(__name__)
 
 DNS_PORT = 53
@@ -119,36 +121,46 @@ async def forward_query(
     timeout: float,  # noqa: ASYNC109 - per recursor, so a caller's asyncio.timeout cannot do it
     *,
     tcp: bool,
+    max_payload: int = DEFAULT_EDNS_PAYLOAD,
 ) -> bytes | None:
     """The first usable reply to `query` from `recursors`, asked in order, or None.
 
     Each recursor gets `timeout` seconds (and the same again for a TCP retry).
     `tcp` is the client's transport: over UDP, a truncated reply (TC=1) is
     asked again over TCP, and the full reply is used when it fits the size
-    the client can take (512, or its EDNS payload); else the truncated one is,
-    and the client retries over TCP itself.
+    the client can take (512, or its EDNS payload capped at `max_payload`);
+    else the truncated one is, and the client retries over TCP itself.  A UDP
+    reply larger than that size, whatever the upstream sent, is cut to it
+    (:func:`truncate`): RFC 1035 section 4.2.1 and RFC 6891 section 6.2.3 let
+    a sender exceed neither.
     """
     question = _question(query)
     if question is None:
         return None  # nothing to match a reply against (the responder never sends these)
+    size = 0 if tcp else udp_size(query, max_payload)
     for text in recursors:
         address = _address(text)
         if address is None:
             continue
-        reply = await _ask(query, question, address, timeout, tcp=tcp)
+        reply = await _ask(query, question, address, timeout, size)
         if reply is not None and reply[3] & RCODE_MASK in ANSWER_RCODES:
+            if size and len(reply) > size:
+                reply = truncate(reply, size)
             return query[:2] + reply[2:]
         log.debug("recursor %s gave no usable answer", text)
     return None
 
 
 async def _ask(
-    query: bytes, question: bytes, address: tuple[str, int], seconds: float, *, tcp: bool
+    query: bytes, question: bytes, address: tuple[str, int], seconds: float, size: int
 ) -> bytes | None:
-    """One recursor's reply (with our random ID) or None on timeout or socket error."""
+    """One recursor's reply (with our random ID) or None on timeout or socket error.
+
+    `size` is the client's UDP size, or 0 when the client came over TCP.
+    """
     upstream_query = secrets.token_bytes(2) + query[2:]
     try:
-        if tcp:
+        if not size:
             return await _exchange_tcp(upstream_query, question, address, seconds)
         reply = await _exchange_udp(upstream_query, question, address, seconds)
         if reply is None or not reply[2] & TC_BIT:
@@ -158,7 +170,7 @@ async def _ask(
         except (OSError, EOFError) as exc:
             log.debug("TCP retry to recursor %s failed: %r", address, exc)
             return reply
-        if full is not None and len(full) <= _udp_size(query):
+        if full is not None and len(full) <= size:
             return full
         return reply
     except (OSError, EOFError) as exc:  # TimeoutError is an OSError; EOF: closed mid-reply
@@ -255,6 +267,75 @@ def _skip_name(message: bytes, pos: int, *, pointers: bool) -> int:
             return pos + 2 if pointers and length & 0xC0 == 0xC0 else -1
         pos += 1 + length
     return -1
+
+
+def truncate(reply: bytes, size: int) -> bytes:
+    """`reply` cut to at most `size` octets, with TC=1.  Pure.
+
+    Whole answer records are kept from the start while they fit (RFC 2181
+    section 9: never a partial RRset on the wire); authority and additional
+    records are dropped, except the OPT (RFC 6891 section 7: a reply to an
+    EDNS query carries one).  The records kept all precede the cut, so the
+    compression pointers in them still point at bytes that are there.
+    """
+    if len(reply) < HEADER_SIZE:
+        return reply
+    qdcount, ancount, nscount, arcount = (
+        int.from_bytes(reply[i : i + 2], "big") for i in range(4, 12, 2)
+    )
+    pos = HEADER_SIZE
+    for _ in range(qdcount):
+        pos = _skip_name(reply, pos, pointers=True)
+        if pos < 0 or pos + 4 > len(reply):
+            return _header(reply, 0, 0, b"")[:size]
+        pos += 4
+    question_end = pos
+    records: list[tuple[int, int]] = []  # (start, end) of each record, in order
+    opt = b""
+    for index in range(ancount + nscount + arcount):
+        start = pos
+        pos = _skip_name(reply, pos, pointers=True)
+        if pos < 0 or pos + 10 > len(reply):
+            break
+        pos += 10 + int.from_bytes(reply[pos + 8 : pos + 10], "big")
+        if pos > len(reply):
+            break
+        records.append((start, pos))
+        if index >= ancount + nscount and _rtype(reply, start) == TYPE_OPT:
+            opt = reply[start:pos]
+    budget = size - len(opt)
+    if question_end > budget:
+        return _header(reply, 0, 0, opt) + opt  # not even the question fits
+    end, kept = question_end, 0
+    for start, stop in records[:ancount]:
+        if stop - start + end > budget:
+            break
+        end, kept = stop, kept + 1
+    return _header(reply, qdcount, kept, opt) + reply[HEADER_SIZE:end] + opt
+
+
+def _rtype(message: bytes, start: int) -> int:
+    """The type of the record starting at `start` (its name already known to be well formed)."""
+    pos = _skip_name(message, start, pointers=True)
+    return int.from_bytes(message[pos : pos + 2], "big")
+
+
+def _header(reply: bytes, qdcount: int, ancount: int, opt: bytes) -> bytes:
+    """`reply`'s header with TC=1 and the counts of a truncated copy."""
+    counts = (qdcount, ancount, 0, 1 if opt else 0)
+    return (
+        reply[:2]
+        + bytes((reply[2] | TC_BIT, reply[3]))
+        + b"".join(c.to_bytes(2, "big") for c in counts)
+    )
+
+
+def udp_size(query: bytes, max_payload: int = DEFAULT_EDNS_PAYLOAD) -> int:
+    """The largest UDP reply the client takes: 512, or its EDNS payload capped at `max_payload`.
+
+    RFC 6891 section 6.2.5: a payload below 512 means 512.
+    """
+    return min(_udp_size(query), max(max_payload, CLASSIC_UDP_SIZE))
 
 
 def _udp_size(query: bytes) -> int:

@@ -54,6 +54,22 @@ class Body:
     truncated: bool
 
 
+class Memo:
+    """Bodies render.py memoized for one Prepared, with the octets they hold.
+
+    `bodies` is keyed by (size budget, answer limit); `size` grows as slots
+    are filled, so the responder can count it against its cache budget.
+    `full` is the Prepared's full_size once render.py needed it (else -1).
+    """
+
+    __slots__ = ("bodies", "full", "size")
+
+    def __init__(self) -> None:
+        self.bodies: dict[tuple[int, int], list[Body | None]] = {}
+        self.size = 0
+        self.full = -1
+
+
 @dataclass(frozen=True, slots=True)
 class Prepared:
     """An answer ready to be rendered for any query with this question."""
@@ -69,9 +85,31 @@ class Prepared:
     outside: bool = False  # not in any zone: REFUSED or forwarded
     dep: str | None = DEP_ALWAYS  # cache dependency: a service key, DEP_ALWAYS or DEP_NODES
     # Renderings memoized by discovery.dns.render, keyed by (size budget, answer limit).
-    memo: dict[tuple[int, int], list[Body | None]] = field(
-        default_factory=dict, compare=False, repr=False
-    )
+    memo: Memo = field(default_factory=Memo, compare=False, repr=False)
+
+    @property
+    def size(self) -> int:
+        """Octets of encoded records this answer holds (memoized bodies: `memo.size`)."""
+        return (
+            sum(
+                len(record) + len(target or b"") + len(tail)
+                for record, target, tail in self.answers
+            )
+            + len(self.authority)
+            + len(self.extra)
+        )
+
+    @property
+    def full_size(self) -> int:
+        """An upper bound on a body's size: every answer with its glue, authority, extra.
+
+        A glue owner is a pointer (2 octets) or the target spelled out.
+        """
+        answers = sum(
+            len(record) + (max(len(target), 2) + len(tail) if target is not None else 0)
+            for record, target, tail in self.answers
+        )
+        return answers + len(self.authority) + len(self.extra)
 
 
 @dataclass(frozen=True, slots=True)

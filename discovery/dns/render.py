@@ -29,6 +29,13 @@ from discovery.dns.settings import (
 # Answer sets with at most this many orders are pre-rendered in every order
 # (4 answers = 24 orders); beyond it, shuffling per query costs less memory.
 MAX_VARIANTS = 24
+# Memo keys (size limits) per Prepared; one more limit renders per query instead.
+MAX_MEMO_SHAPES = 4
+FITS = (-1, -1)  # the memo key of every limit under which nothing is trimmed
+# CPython object overheads counted with each memoized body (a Body, its bytes)
+# and each slot of a memo list, so the cache budget tracks memory, not payload.
+BODY_OVERHEAD = 160
+SLOT_OVERHEAD = 8
 _RANDOM = random.random
 _SHUFFLE = random.shuffle
 
@@ -135,21 +142,33 @@ def pick_body(prepared: Prepared, start: int, budget: int, max_answers: int) -> 
     """A body in a random order: memoized per order when the set is small.
 
     Each order is rendered the first time it is drawn, so a cache miss costs
-    one rendering, not one per possible order.
+    one rendering, not one per possible order.  Limits that trim nothing give
+    the same bodies, so they share one memo key (FITS); other limits get their
+    own up to MAX_MEMO_SHAPES keys per answer, then render per query: a client
+    cycling through EDNS sizes cannot make the memo grow without bound.
     """
     memo = prepared.memo
-    key = (budget, max_answers)
-    slots = memo.get(key)
+    bodies = memo.bodies
+    full = memo.full
+    if full < 0:
+        full = memo.full = prepared.full_size
+    if max_answers >= len(prepared.answers) and start + full <= budget:
+        key = FITS
+    else:
+        key = (budget, max_answers)
+    slots = bodies.get(key)
     if slots is None:
         orders = all_orders(prepared)
-        if orders is None:
+        if orders is None or len(bodies) >= MAX_MEMO_SHAPES:
             return render_body(prepared, ordered(prepared), start, budget, max_answers)
-        slots = memo[key] = [None] * len(orders)
+        slots = bodies[key] = [None] * len(orders)
+        memo.size += SLOT_OVERHEAD * len(orders)
     pick = 0 if len(slots) == 1 else int(_RANDOM() * len(slots))
     body = slots[pick]
     if body is None:
         order = nth_order(prepared, pick)
         body = slots[pick] = render_body(prepared, order, start, budget, max_answers)
+        memo.size += len(body.data) + BODY_OVERHEAD
     return body
 
 

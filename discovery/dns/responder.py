@@ -10,10 +10,18 @@ joins pre-encoded records in a random order.  The server adapters in
 
 Replies to UDP queries of the common shape (a lower-case question, no EDNS
 or an OPT without options, no recursion configured) are also kept whole, one
-per answer order, keyed by the query's bytes after its ID.  A later query
-with the same bytes was validated when its twin was answered, so it is
-answered with its ID and one of those replies: a dict lookup and a join,
-no parsing.  Both caches are dropped together when the registry changes.
+per answer order, keyed by :func:`reply_key`: the query's bytes after its ID
+with what does not change the reply taken out (header bits other than QR,
+opcode and RD; OPT flags other than DO; an EDNS size becomes the size limit
+it gives).  A later query with the same key was validated when its twin was
+answered, so it is answered with its ID and one of those replies: a dict
+lookup and a join, no parsing.  Entries are dropped when what they depend on
+changes in the registry.
+
+Both caches share one budget, `settings.cache_max_bytes`, counted from the
+octets each entry holds plus a per-object overhead; past it the least
+recently used entries go (whole replies first, they are the cheaper to
+rebuild), so no query mix can grow the agent's memory beyond it.
 
 Error handling: respond() never raises; an internal error is logged and
 answered with SERVFAIL.
@@ -24,19 +32,24 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 from discovery.dns import wire
 from discovery.dns.codec import parse_unusual_query
 from discovery.dns.records import DEP_ALWAYS, Prepared, ZoneInfo, prepare
 from discovery.dns.render import render, render_error, render_variants
-from discovery.dns.settings import DnsSettings
+from discovery.dns.settings import CLASSIC_UDP_SIZE, DnsSettings
 from discovery.registry import Registry, Snapshot
 
 log = logging.getLogger(__name__)
 
-# Bound on memoized questions; random-name floods clear it instead of growing it.
-MAX_CACHED = 100_000
+# CPython overheads counted with each cache entry (key, dict slot, tuple, bytes
+# objects), so that cache_max_bytes tracks memory and not only payload octets.
+ENTRY_OVERHEAD = 200
+REPLY_OVERHEAD = 40  # per reply kept in an entry (a bytes object's header)
+PREPARED_OVERHEAD = 400  # a Prepared, its tuples and its Memo
 FORWARDED = -1  # pseudo-rcode counting queries handed to the recursors
 LOG_INTERVAL = 60.0  # seconds between two logs of the same internal error type
 MAX_CLIENTS_REMEMBERED = 4096  # recursion allow-list verdicts kept per settings
@@ -61,11 +74,16 @@ class Responder:
         self.registry = registry
         self.settings = settings
         self._info = ZoneInfo.from_settings(settings)
-        self._cache: dict[bytes, Prepared] = {}
-        # Whole replies by query bytes after the ID: (tally index, reply[2:], ...).
-        self._replies: dict[bytes, tuple[int | bytes, ...]] = {}
-        # Keys of both caches by dependency (a service key, DEP_ALWAYS or DEP_NODES).
-        self._deps: dict[str | None, list[bytes]] = {}
+        # Prepared answers by lower-cased question: [prepared, octets counted, memo octets counted].
+        self._cache: OrderedDict[bytes, list[Any]] = OrderedDict()
+        # Whole replies by reply_key(): ((tally index, reply[2:], ...), octets, dep).
+        self._replies: OrderedDict[bytes, tuple[tuple[int | bytes, ...], int, str | None]] = (
+            OrderedDict()
+        )
+        # Keys of each cache by dependency (a service key, DEP_ALWAYS or DEP_NODES).
+        self._deps: dict[str | None, set[bytes]] = {}
+        self._reply_deps: dict[str | None, set[bytes]] = {}
+        self._bytes = 0  # octets counted for both caches (cache_bytes)
         self._nodes = registry.snapshot.nodes
         self._allocs = registry.snapshot.allocs
         self._recurse: dict[str, bool] = {}
@@ -89,6 +107,11 @@ class Responder:
                 out[tally] = out.get(tally, 0) + hits
         return out
 
+    @property
+    def cache_bytes(self) -> int:
+        """Octets the two caches are counted at; at most settings.cache_max_bytes."""
+        return self._bytes
+
     def update_settings(self, settings: DnsSettings) -> None:
         """Swap settings (SIGHUP); queries in flight finish with the old ones."""
         self.settings = settings
@@ -105,10 +128,13 @@ class Responder:
         """
         if type(data) is not bytes:  # memoryview/bytearray from a caller: keys must hash
             data = bytes(data)
-        if not tcp:
-            entry = self._replies.get(data[2:])
-            if entry is not None:
-                return self._pick(data, entry)
+        if not tcp and len(data) >= wire.HEADER_SIZE:
+            key = reply_key(data, self.settings.edns_max_payload)
+            replies = self._replies
+            hit = replies.get(key)
+            if hit is not None:
+                replies.move_to_end(key)
+                return self._pick(data, hit[0])
         try:
             query = wire.parse_query(data)
             if query is None:
@@ -159,9 +185,12 @@ class Responder:
     ) -> bytes | ForwardQuery:
         name_end = query.name_end
         key = data[wire.HEADER_SIZE : name_end].lower() + data[name_end : name_end + 4]
-        prepared = self._cache.get(key)
-        if prepared is None:
+        held = self._cache.get(key)
+        if held is None:
             prepared = self._prepare(data, query, key)
+        else:
+            self._cache.move_to_end(key)
+            prepared = held[0]
         settings = self.settings
         recursion = bool(settings.recursors) and self._may_recurse(client)
         if prepared.outside and recursion:
@@ -172,7 +201,22 @@ class Responder:
             if entry is not None:
                 return self._pick(data, entry)
         self._count(query.qtype, prepared.rcode)
-        return render(data, query, prepared, settings, tcp=tcp, recursion=recursion)
+        reply = render(data, query, prepared, settings, tcp=tcp, recursion=recursion)
+        self._account_memo(key)
+        return reply
+
+    def _account_memo(self, key: bytes) -> None:
+        """Count what render() memoized on the Prepared kept at `key` (if still kept)."""
+        held = self._cache.get(key)
+        if held is None:
+            return
+        memo = held[0].memo.size
+        grown = memo - held[2]
+        if grown:
+            held[1] += grown
+            held[2] = memo
+            self._bytes += grown
+            self._evict()
 
     def _count(self, qtype: int, rcode: int) -> None:
         counts, tally = self._counts, (qtype, rcode)
@@ -185,13 +229,17 @@ class Responder:
         variants = render_variants(data, query, prepared, self.settings)
         if variants is None:
             return None
-        if len(self._replies) >= MAX_CACHED:
-            self._clear()
         replies = tuple(v[2:] for v in variants)
         entry: tuple[int | bytes, ...] = (self._tally_index(query.qtype, prepared.rcode), *replies)
-        key = data[2:]
-        self._replies[key] = entry
-        self._deps.setdefault(prepared.dep, []).append(key)
+        key = reply_key(data, self.settings.edns_max_payload)
+        size = ENTRY_OVERHEAD + len(key) + sum(len(r) + REPLY_OVERHEAD for r in replies)
+        old = self._replies.pop(key, None)
+        if old is not None:
+            self._bytes -= old[1]
+        self._replies[key] = (entry, size, prepared.dep)
+        self._reply_deps.setdefault(prepared.dep, set()).add(key)
+        self._bytes += size
+        self._evict()
         return entry
 
     def _tally_index(self, qtype: int, rcode: int) -> int:
@@ -205,11 +253,29 @@ class Responder:
             label.lower().decode("latin-1") for label in wire.question_labels(data, query.name_end)
         ]
         prepared = prepare(labels, query.qtype, query.qclass, self.registry.snapshot, self._info)
-        if len(self._cache) >= MAX_CACHED:
-            self._clear()
-        self._cache[key] = prepared
-        self._deps.setdefault(prepared.dep, []).append(key)
+        memo = prepared.memo.size  # shared Prepared singletons (REFUSED) may have one
+        size = PREPARED_OVERHEAD + ENTRY_OVERHEAD + len(key) + prepared.size + memo
+        self._cache[key] = [prepared, size, memo]
+        self._deps.setdefault(prepared.dep, set()).add(key)
+        self._bytes += size
+        self._evict()
         return prepared
+
+    def _evict(self) -> None:
+        """Drop least recently used entries until the caches fit cache_max_bytes.
+
+        Whole replies go first: rebuilding one costs a render, a Prepared a lookup.
+        """
+        budget = self.settings.cache_max_bytes
+        replies, cache = self._replies, self._cache
+        while self._bytes > budget and replies:
+            key, (_, size, dep) = replies.popitem(last=False)
+            self._bytes -= size
+            self._reply_deps.get(dep, set()).discard(key)
+        while self._bytes > budget and cache:
+            key, (prepared, size, _) = cache.popitem(last=False)
+            self._bytes -= size
+            self._deps.get(prepared.dep, set()).discard(key)
 
     def _may_recurse(self, client: str) -> bool:
         verdict = self._recurse.get(client)
@@ -233,16 +299,65 @@ class Responder:
             self._nodes, self._allocs = snap.nodes, snap.allocs
             self._clear()
             return
-        cache, replies, deps = self._cache, self._replies, self._deps
+        cache, replies = self._cache, self._replies
         for dep in (DEP_ALWAYS, *keys):
-            for key in deps.pop(dep, ()):
-                cache.pop(key, None)
-                replies.pop(key, None)
+            for key in self._deps.pop(dep, ()):
+                held = cache.pop(key, None)
+                if held is not None:
+                    self._bytes -= held[1]
+            for key in self._reply_deps.pop(dep, ()):
+                hit = replies.pop(key, None)
+                if hit is not None:
+                    self._bytes -= hit[1]
 
     def _clear(self) -> None:
-        self._cache = {}
-        self._replies = {}
+        self._cache = OrderedDict()
+        self._replies = OrderedDict()
         self._deps = {}
+        self._reply_deps = {}
+        self._bytes = 0
+
+
+def reply_key(data: bytes, max_payload: int) -> bytes:
+    """The whole-reply cache key of `data` (at least a header): its bytes after the ID
+    with what cannot change the reply taken out.  Pure.
+
+    Kept: QR, opcode and RD (RD is copied into the reply), the counts, the
+    question, and of a final OPT its owner, type, extended rcode, version,
+    DO bit (echoed, RFC 3225) and RDLENGTH.  Cleared: AA, TC and the fourth
+    header octet (RA, Z, AD, CD, RCODE), the other OPT flag bits; the EDNS
+    size is replaced by the limit it gives (RFC 6891 section 6.2.5: at least
+    512, capped at `max_payload`).  Two messages with one key are both of the
+    cached shape or both not: every byte that shape checks is in the key.
+    The common query (sizes and flags already normal) costs one concatenation.
+    """
+    head = _FLAG_KEYS[data[2]]
+    size = len(data)
+    if data[11] != 1 or data[10] or size < wire.HEADER_SIZE + wire.OPT_SIZE:
+        return head + data[4:]
+    payload = data[size - 8] << 8 | data[size - 7]
+    # min(max(payload, 512), max(max_payload, 512)), spelled out: builtins cost more here
+    limit = payload if payload > CLASSIC_UDP_SIZE else CLASSIC_UDP_SIZE
+    if limit > max_payload:
+        limit = max_payload if max_payload > CLASSIC_UDP_SIZE else CLASSIC_UDP_SIZE
+    do, z = data[size - 4], data[size - 3]
+    if limit == payload and not (do & 0x7F or z):
+        return head + data[4:]
+    return b"".join(
+        (
+            head,
+            data[4 : size - 8],
+            limit.to_bytes(2, "big"),
+            data[size - 6 : size - 4],
+            bytes((do & 0x80, 0)),
+            data[size - 2 :],
+        )
+    )
+
+
+# reply_key's first octet for each value of the third header octet: QR, opcode, RD
+# (AA and TC mean nothing in a query).  The fourth octet is left out of the key.
+_FLAG_KEYS = tuple(bytes((octet & 0xF9,)) for octet in range(256))
 
 
 def _plain(data: bytes, query: wire.Query, key: bytes) -> bool:

@@ -15,6 +15,9 @@ forwarded queries (:mod:`discovery.dns.forward`) and enforces resource limits.
   connection (forwarded ones may be answered out of order, section 6.2.1.1),
   an idle timeout (section 6.2.3), a cap on connections and on outstanding
   queries per connection (section 10: servers should limit TCP resources).
+  The cap is shared fairly: one client (source address) holds at most
+  `tcp_max_per_client` connections, and a new client arriving at the cap
+  gets in by closing the connection idle the longest (section 6.2.3).
 - Forwarded queries run as tasks, at most `max_forwards` at a time; beyond
   that, or when every recursor fails, the client gets SERVFAIL.
 
@@ -126,6 +129,7 @@ class DnsServer:
         self._udp: _UdpEndpoint | None = None
         self._tcp: asyncio.Server | None = None
         self._connections: set[_TcpConnection] = set()
+        self._per_client: dict[str, int] = {}  # connections by client address
         self._forwards: set[asyncio.Task[None]] = set()
         self._errors = _ErrorLog()
         self._closing = False
@@ -181,15 +185,42 @@ class DnsServer:
     def report(self, what: str, exc: BaseException) -> None:
         self._errors.report(what, exc)
 
-    def admit(self, conn: _TcpConnection) -> bool:
-        """Register a new TCP connection, or refuse it when at the limit."""
-        if self._closing or len(self._connections) >= self.max_tcp_connections:
+    def admit(self, conn: _TcpConnection, client: str) -> bool:
+        """Register a new TCP connection from `client`, or refuse it.
+
+        Refused: while closing, or when `client` already holds
+        settings.tcp_max_per_client connections.  At max_tcp_connections the
+        connection idle the longest is closed to make room (RFC 7766 section
+        6.2.3: under pressure a server closes idle connections first; one
+        waiting on a recursor goes last), so no client can lock the others out.
+        """
+        if self._closing:
             return False
-        self._connections.add(conn)
+        held = self._per_client.get(client, 0)
+        if held >= self.responder.settings.tcp_max_per_client:
+            return False
+        connections = self._connections
+        if len(connections) >= self.max_tcp_connections:
+            if not connections:
+                return False  # a cap of 0 admits nobody
+            idlest = min(connections, key=_TcpConnection.eviction_order)
+            self.forget(idlest)
+            idlest.abort()
+        connections.add(conn)
+        self._per_client[client] = held + 1
         return True
 
     def forget(self, conn: _TcpConnection) -> None:
+        """Unregister `conn` (idempotent: evicted connections are forgotten twice)."""
+        if conn not in self._connections:
+            return
         self._connections.discard(conn)
+        client = conn.client
+        held = self._per_client.get(client, 0) - 1
+        if held > 0:
+            self._per_client[client] = held
+        else:
+            self._per_client.pop(client, None)
 
     def forward(
         self, query: bytes, data: bytes, send: Send, *, tcp: bool
@@ -215,7 +246,11 @@ class DnsServer:
         settings = self.responder.settings
         try:
             reply = await forward_query(
-                query, settings.recursors, settings.recursor_timeout, tcp=tcp
+                query,
+                settings.recursors,
+                settings.recursor_timeout,
+                tcp=tcp,
+                max_payload=settings.edns_max_payload,
             )
         except Exception as exc:
             self._errors.report("DNS forwarding failed; answering SERVFAIL", exc)
@@ -425,7 +460,7 @@ class _TcpConnection(asyncio.Protocol):
         self._respond = server.responder.respond
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
-        self._client = ""
+        self.client = ""
         self._buffer = bytearray()
         self._pending = 0  # forwarded queries not answered yet
         self._last_active = self._loop.time()
@@ -439,11 +474,11 @@ class _TcpConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
-        if not self._server.admit(self):
+        peer = transport.get_extra_info("peername")
+        self.client = str(peer[0]) if peer else ""
+        if not self._server.admit(self, self.client):
             self._transport.abort()
             return
-        peer = transport.get_extra_info("peername")
-        self._client = str(peer[0]) if peer else ""
         self._arm_timer(self._server.responder.settings.tcp_idle_timeout)
 
     def data_received(self, data: bytes) -> None:
@@ -476,6 +511,11 @@ class _TcpConnection(asyncio.Protocol):
     def abort(self) -> None:
         if self._transport is not None:
             self._transport.abort()
+
+    def eviction_order(self) -> tuple[bool, float]:
+        """Sorts first the connection to close first: not waiting on a recursor, then
+        idle the longest (the loop time of its last query or answer, or of its start)."""
+        return bool(self._pending), self._last_active
 
     # -- framing -------------------------------------------------------------------
 
@@ -519,7 +559,7 @@ class _TcpConnection(asyncio.Protocol):
     def _answer(self, message: bytes) -> None:
         self._last_active = self._loop.time()
         try:
-            reply = self._respond(message, client=self._client, tcp=True)
+            reply = self._respond(message, client=self.client, tcp=True)
         except Exception as exc:
             reply = self._server.failed(exc, message)
         if reply is None:

@@ -1,8 +1,12 @@
 """DNS settings: the zone, TTLs, limits and forwarding.  Pure: no I/O.
 
 Defaults follow Consul's `dns_config` (TTLs 0, SOA refresh 3600 / retry 600 /
-expire 86400 / minimum 0, udp_answer_limit 3, enable_truncate on) and
-DESIGN.md (domain `nomad.`, datacenter `dc1`).
+expire 86400 / minimum 0, enable_truncate on) and DESIGN.md (domain `nomad.`,
+datacenter `dc1`), with one exception: `udp_answer_limit` is unset (0), so a
+UDP reply holds as many answers as fit 512 octets or the EDNS size.  Consul's
+default of 3 sets TC=1 on replies that fit, which RFC 2181 section 9 forbids
+("the TC bit should be set ... only when ... the entire answer RRSet" does
+not fit); an explicit limit gives Consul's behaviour back.
 """
 
 from __future__ import annotations
@@ -18,6 +22,12 @@ CLASSIC_UDP_SIZE = 512
 DEFAULT_EDNS_PAYLOAD = 1232
 # RFC 1035 section 4.2.2: TCP messages carry a 16-bit length prefix.
 MAX_TCP_SIZE = 65535
+# The responder's caches: ~45 MiB holds every answer of 10,000 services for one
+# kind of client (README); past the budget the least recently used go.
+DEFAULT_CACHE_BYTES = 64 * 1024 * 1024
+# An eighth of the server's 512 connections: a busy stub resolver's pool fits,
+# and eight clients at their limit still leave the others room.
+DEFAULT_TCP_PER_CLIENT = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +62,9 @@ class DnsSettings:
     node_ttl: int = 0
     soa: SoaSettings = SoaSettings()
     only_passing: bool = False  # when False, warning instances are served too
-    udp_answer_limit: int = 3  # answers in a UDP reply to a client without EDNS (Consul)
+    # Answers in a UDP reply to a client without EDNS; 0: as many as fit (RFC 2181
+    # section 9).  Set it (Consul's default is 3) for Consul's behaviour.
+    udp_answer_limit: int = 0
     enable_truncate: bool = True  # set TC=1 when a UDP answer was trimmed
     edns_max_payload: int = DEFAULT_EDNS_PAYLOAD  # cap on the client's advertised size
     recursors: tuple[str, ...] = ()  # "ip" or "ip:port"; empty: REFUSED outside the zone
@@ -61,6 +73,11 @@ class DnsSettings:
         default_factory=_loopback
     )
     tcp_idle_timeout: float = 10.0  # RFC 7766 section 6.2.3 suggests "a few seconds" or more
+    # TCP connections one client address may hold (RFC 7766 section 10); the
+    # server's total cap is start_dns(max_tcp_connections=...).
+    tcp_max_per_client: int = DEFAULT_TCP_PER_CLIENT
+    # Memory for memoized answers and whole replies (responder.py), in octets.
+    cache_max_bytes: int = DEFAULT_CACHE_BYTES
 
     def ttl_for(self, service: str) -> int:
         """The TTL of `service`'s records (case-insensitive), Consul's lookup order."""

@@ -60,6 +60,7 @@ _RR_FIXED = struct.Struct(">HHIH")  # type, class, ttl, rdlength
 _OPT = struct.Struct(">BHHIH")  # root name, type, payload size, ttl, rdlength
 OPT_SIZE = _OPT.size  # an OPT record without options
 _U16 = struct.Struct(">H")
+_OPTION = struct.Struct(">HH")  # EDNS option code and length (RFC 6891 section 6.1.2)
 
 
 class QueryError(Exception):
@@ -122,6 +123,8 @@ def parse_query(data: bytes) -> Query | None:
         edns = _parse_opt(data, name_end + 4)
         if edns is None:
             raise Unusual(name_end)
+        if not options_fit(data, name_end + 4 + _OPT.size, len(data)):
+            raise QueryError(FORMERR, data[HEADER_SIZE : name_end + 4])
     return Query(name_end, qtype, qclass, flags, edns)
 
 
@@ -159,6 +162,55 @@ def _parse_opt(data: bytes, offset: int) -> Edns | None:
     if root != 0 or rtype != TYPE_OPT or offset + _OPT.size + rdlength != len(data):
         return None
     return Edns(payload, (ttl >> 16) & 0xFF, bool(ttl & EDNS_DO))
+
+
+def options_fit(data: bytes, start: int, end: int) -> bool:
+    """True when the OPT RDATA in data[start:end] is a whole number of options.
+
+    RFC 6891 section 6.1.2: each option is a code, a length and that many
+    octets; an option whose length runs past the RDATA makes the OPT
+    malformed, and the message gets FORMERR (section 7).
+    """
+    pos = start
+    while pos < end:
+        if pos + _OPTION.size > end:
+            return False
+        pos += _OPTION.size + _U16.unpack_from(data, pos + 2)[0]
+    return pos == end
+
+
+def skip_name(data: bytes, pos: int) -> int:
+    """The offset just past the (possibly compressed) name at `pos`, or -1 if malformed."""
+    end = len(data)
+    while pos < end:
+        length = data[pos]
+        if length == 0:
+            return pos + 1
+        if length & 0xC0 == 0xC0:
+            return pos + 2 if pos + 2 <= end else -1
+        if length & 0xC0:
+            return -1
+        pos += length + 1
+    return -1
+
+
+def opts_fit(data: bytes, name_end: int, records: int) -> bool:
+    """True when every OPT among the `records` after the question has well-formed options.
+
+    For messages the full decoder accepted (codec.py): dnslib drops an option
+    that overruns its OPT instead of rejecting the message.
+    """
+    pos = name_end + 4
+    for _ in range(records):
+        pos = skip_name(data, pos)
+        if pos < 0 or pos + _RR_FIXED.size > len(data):
+            return False
+        rtype, _, _, rdlength = _RR_FIXED.unpack_from(data, pos)
+        start = pos + _RR_FIXED.size
+        pos = start + rdlength
+        if pos > len(data) or (rtype == TYPE_OPT and not options_fit(data, start, pos)):
+            return False
+    return True
 
 
 def question_labels(data: bytes, name_end: int) -> list[bytes]:

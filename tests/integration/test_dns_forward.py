@@ -218,8 +218,11 @@ async def test_recursors_added_by_update_settings(
 
 
 async def test_truncated_upstream_reply_retried_over_tcp(
-    front: RunningDns, upstream: RunningDns
+    start_waypost: StartWaypost, upstream: RunningDns
 ) -> None:
+    # The client asks for 4096 octets and the front allows that much.
+    settings = front_settings(f"127.0.0.1:{upstream.port}", edns_max_payload=4096)
+    front = await start_waypost(settings, LOCAL)
     query = dns.message.make_query("api.service.example.", "SRV", use_edns=0, payload=4096)
     direct = await upstream.udp(query)
     assert direct.flags & dns.flags.TC  # the upstream caps UDP at 512 octets
@@ -243,6 +246,18 @@ async def test_truncated_reply_kept_when_full_one_exceeds_client_size(front: Run
     full = await front.tcp(query)  # what the client does next
     assert not full.flags & dns.flags.TC
     assert sum(len(rrset) for rrset in full.answer) == 30
+
+
+async def test_full_reply_over_the_edns_cap_is_truncated(front: RunningDns) -> None:
+    # The client asks for 4096, the front caps it at edns_max_payload (1232): the
+    # 30 SRV with glue from the TCP retry (~1.9 KB) are cut to whole answers, TC=1.
+    query = dns.message.make_query("api.service.example.", "SRV", use_edns=0, payload=4096)
+    wire = await front.udp_raw(query.to_wire())
+    assert wire is not None
+    assert len(wire) <= DnsSettings().edns_max_payload
+    reply = dns.message.from_wire(wire)
+    assert reply.flags & dns.flags.TC
+    assert reply.edns == 0  # the OPT is kept
 
 
 # -- a scripted upstream ------------------------------------------------------------------------
@@ -549,3 +564,56 @@ def test_parse_recursor_rejects(text: str, message: str) -> None:
     with pytest.raises(ValueError, match="recursor") as info:
         parse_recursor(text)
     assert message in str(info.value)
+
+
+# -- oversized UDP replies from the upstream ------------------------------------------------
+
+BIG = 150  # A records: 150 * 16 octets is well over 1232
+
+
+def oversized(query: dns.message.Message) -> list[tuple[float, bytes]]:
+    """One UDP reply with BIG A records and no TC, whatever size the client asked for."""
+    reply = dns.message.make_response(query)
+    reply.flags |= dns.flags.RA
+    owner = query.question[0].name.to_text()
+    addresses = [f"198.51.{n // 250}.{n % 250}" for n in range(BIG)]
+    reply.answer.append(dns.rrset.from_text_list(owner, 60, "IN", "A", addresses))
+    return [(0.0, reply.to_wire(max_size=65535))]
+
+
+@pytest.mark.parametrize(
+    ("use_edns", "payload", "limit"),
+    [(False, 0, 512), (0, 512, 512), (0, 1000, 1000), (0, 4096, 1232), (0, 100, 512)],
+)
+async def test_oversized_upstream_udp_reply_cut_to_the_client_size(
+    start_waypost: StartWaypost,
+    fake: Callable[[Script], Any],
+    use_edns: Any,
+    payload: int,
+    limit: int,
+) -> None:
+    upstream = await fake(oversized)
+    front = await start_waypost(front_settings(f"127.0.0.1:{upstream.port}"), LOCAL)
+    query = dns.message.make_query("big.example.", "A", use_edns=use_edns, payload=payload)
+    wire = await front.udp_raw(query.to_wire())
+    assert wire is not None
+    assert len(wire) <= limit
+    reply = dns.message.from_wire(wire)  # whole records only: it parses
+    assert reply.id == query.id
+    assert reply.flags & dns.flags.TC
+    assert reply.flags & dns.flags.RA
+    assert reply.question == query.question
+    kept = sum(len(rrset) for rrset in reply.answer)
+    assert 0 < kept < BIG
+    assert len(wire) + 16 > limit  # as many as fit: one more A record would not
+    assert (reply.edns >= 0) == (use_edns is not False)
+
+
+async def test_oversized_upstream_reply_whole_over_tcp(
+    start_waypost: StartWaypost, fake: Callable[[Script], Any]
+) -> None:
+    upstream = await fake(oversized)
+    front = await start_waypost(front_settings(f"127.0.0.1:{upstream.port}"), LOCAL)
+    reply = await front.tcp(dns.message.make_query("big.example.", "A"))
+    assert not reply.flags & dns.flags.TC
+    assert sum(len(rrset) for rrset in reply.answer) == BIG

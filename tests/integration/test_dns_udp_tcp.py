@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 import dns.edns
@@ -166,10 +167,38 @@ def assert_glue_consistent(reply: dns.message.Message) -> None:
         assert target(int(address.rsplit(".", 1)[1])) == owner
 
 
-async def test_udp_without_edns_truncates_to_answer_limit(many: RunningDns) -> None:
-    reply = await many.udp(query("web.service.nomad.", "SRV", use_edns=False))
+CONSUL_LIMIT = 3  # Consul's udp_answer_limit default, set explicitly
+
+
+@pytest.fixture
+async def many_limited(start_waypost: StartWaypost) -> RunningDns:
+    settings = dataclasses.replace(SETTINGS, udp_answer_limit=CONSUL_LIMIT)
+    return await start_waypost(settings, [web(n) for n in range(1, MANY + 1)])
+
+
+async def test_udp_without_edns_truncates_to_answer_limit(many_limited: RunningDns) -> None:
+    reply = await many_limited.udp(query("web.service.nomad.", "SRV", use_edns=False))
     assert reply.flags & dns.flags.TC
-    assert len(srv_set(reply)) == SETTINGS.udp_answer_limit
+    assert len(srv_set(reply)) == CONSUL_LIMIT
+    assert_glue_consistent(reply)
+
+
+async def test_udp_without_edns_fills_512_by_default(many: RunningDns) -> None:
+    # RFC 2181 section 9: as many answers as fit; TC=1 because the 30 do not.
+    wire = await many.udp_raw(query("web.service.nomad.", "SRV", use_edns=False).to_wire())
+    assert wire is not None
+    assert len(wire) <= 512
+    reply = dns.message.from_wire(wire)
+    assert reply.flags & dns.flags.TC
+    assert CONSUL_LIMIT < len(srv_set(reply)) < MANY
+    assert_glue_consistent(reply)
+
+
+async def test_udp_without_edns_small_answer_not_truncated(three: RunningDns) -> None:
+    three.registry.upsert(web(4))
+    reply = await three.udp(query("web.service.nomad.", "SRV", use_edns=False))
+    assert not reply.flags & dns.flags.TC
+    assert len(srv_set(reply)) == 4
     assert_glue_consistent(reply)
 
 
@@ -183,10 +212,10 @@ async def test_udp_small_bufsize_truncates_to_size(many: RunningDns) -> None:
     assert_glue_consistent(reply)
 
 
-async def test_a_records_truncated_over_udp(many: RunningDns) -> None:
-    reply = await many.udp(query("web.service.nomad.", "A", use_edns=False))
+async def test_a_records_truncated_over_udp(many_limited: RunningDns) -> None:
+    reply = await many_limited.udp(query("web.service.nomad.", "A", use_edns=False))
     assert reply.flags & dns.flags.TC
-    assert sum(len(rrset) for rrset in reply.answer) == SETTINGS.udp_answer_limit
+    assert sum(len(rrset) for rrset in reply.answer) == CONSUL_LIMIT
 
 
 async def test_tcp_gives_everything(many: RunningDns) -> None:
@@ -232,7 +261,7 @@ async def test_registry_changes_visible_in_next_answer(three: RunningDns) -> Non
     first = await three.udp(query(name, "SRV"))
     assert len(srv_set(first)) == 3
     three.registry.upsert(web(4))
-    # EDNS: without it, UDP answers stop at udp_answer_limit (3).
+    # EDNS: so the four fit whatever the limit settings.
     after = await three.udp(query(name, "SRV", use_edns=0))
     assert (name, 1, 1, 8004, target(4)) in srv_set(after)
     three.registry.set_health("web-1", Health.CRITICAL)

@@ -433,3 +433,14 @@ async def test_a_lost_waypost_db_leaves_nothing_running_that_no_job_owns(
 def _remove_db(data_dir: Path) -> None:
     for path in data_dir.glob("waypost.db*"):
         path.unlink()
+
+
+async def test_an_unknown_host_network_is_a_400_at_its_port(tmp_path: Path) -> None:
+    job = server_job("hn", count=1)
+    job["Job"]["TaskGroups"][0]["Networks"][0]["DynamicPorts"][0]["HostNetwork"] = "nope"
+    async with running(agent_config(tmp_path), []) as agent, aiohttp.ClientSession() as http:
+        status, body = await request(http, "POST", url(agent, "/v1/jobs"), json=job)
+        assert status == 400, body
+        assert body["field"] == "Job.TaskGroups[0].Networks[0].DynamicPorts[0].HostNetwork"
+        _, jobs = await request(http, "GET", url(agent, "/v1/jobs"))
+        assert jobs == []

@@ -1,6 +1,7 @@
 """UDP answer limits and truncation, from docs/dns_rules.md.  Pure: no I/O.
 
-UDP without EDNS: at most 512 octets and settings.udp_answer_limit answers;
+UDP without EDNS: at most 512 octets (and settings.udp_answer_limit answers
+when set: Consul parity; unset by default, so TC=1 only when 512 is too few);
 with EDNS: min(max(client payload, 512), settings.edns_max_payload) octets;
 TCP: everything.  Dropped answers go from the end of the ordered list, glue
 follows the answers left, and TC=1 is set when settings.enable_truncate.
@@ -23,7 +24,8 @@ from discovery.dns.settings import DnsSettings
 from discovery.model import Instance, make_instance
 from discovery.registry import Registry
 
-SETTINGS = DnsSettings()  # udp_answer_limit 3, enable_truncate, edns_max_payload 1232
+SETTINGS = DnsSettings()  # no udp_answer_limit, enable_truncate, edns_max_payload 1232
+CONSUL = DnsSettings(udp_answer_limit=3)  # Consul's default, set explicitly
 
 
 def instances(service: str, count: int, *, v6: bool = False, priority: str = "") -> list[Instance]:
@@ -109,8 +111,8 @@ def assert_glue_matches(reply: DNSRecord) -> None:
     ],
 )
 def test_udp_answer_limit(qname: str, qtype: str) -> None:
-    raw, reply = ask_raw(make(), qname, qtype)
-    assert len(reply.rr) == SETTINGS.udp_answer_limit
+    raw, reply = ask_raw(make(CONSUL), qname, qtype)
+    assert len(reply.rr) == CONSUL.udp_answer_limit
     assert {rr.rtype for rr in reply.rr} == {getattr(QTYPE, qtype)}
     assert reply.header.tc == 1
     assert dc.rcode_name(reply) == "NOERROR"
@@ -126,6 +128,42 @@ def test_udp_answers_within_the_limit_not_truncated() -> None:
     assert len(reply.ar) == 3
 
 
+@pytest.mark.parametrize(
+    ("qname", "qtype", "count"),
+    [
+        ("six.service.nomad.", "SRV", 6),
+        ("six.service.nomad.", "A", 6),
+        ("tiered.service.nomad.", "SRV", 6),
+    ],
+)
+def test_default_sends_every_answer_that_fits_512(qname: str, qtype: str, count: int) -> None:
+    # RFC 2181 section 9: TC=1 only when the answer does not fit; no count limit.
+    raw, reply = ask_raw(make(), qname, qtype)
+    assert len(reply.rr) == count
+    assert reply.header.tc == 0
+    assert len(raw) <= 512
+    assert_glue_matches(reply)
+
+
+@pytest.mark.parametrize(
+    ("qname", "qtype"), [("many.service.nomad.", "SRV"), ("huge.service.nomad.", "A")]
+)
+def test_default_truncates_only_what_does_not_fit(qname: str, qtype: str) -> None:
+    raw, reply = ask_raw(make(), qname, qtype)
+    assert reply.header.tc == 1
+    assert len(raw) <= 512
+    assert (
+        CONSUL.udp_answer_limit < len(reply.rr) < len(ask_raw(make(), qname, qtype, tcp=True)[1].rr)
+    )
+    assert_glue_matches(reply)
+
+
+def test_default_fills_512_with_a_records() -> None:
+    # 12 (header) + 24 (question) + 29 * 16 (A records) = 500 octets; a 30th would make 516.
+    raw, reply = ask_raw(make(), "many.service.nomad.", "A")
+    assert (len(reply.rr), len(raw), reply.header.tc) == (29, 500, 1)
+
+
 def test_udp_answer_limit_is_a_setting() -> None:
     responder = make(dataclasses.replace(SETTINGS, udp_answer_limit=5))
     _, reply = ask_raw(responder, "six.service.nomad.", "A")
@@ -138,7 +176,7 @@ def test_udp_answer_limit_is_a_setting() -> None:
 
 def test_limit_keeps_the_lowest_priorities() -> None:
     # answers are dropped from the end of the priority-ordered list
-    responder = make()
+    responder = make(CONSUL)
     for _ in range(20):
         _, reply = ask_raw(responder, "tiered.service.nomad.", "SRV")
         assert [rr.rdata.priority for rr in reply.rr] == [1, 1, 2]
@@ -148,9 +186,9 @@ def test_limit_keeps_the_lowest_priorities() -> None:
 
 @pytest.mark.parametrize("qtype", ["SRV", "A"])
 def test_no_tc_when_truncation_disabled(qtype: str) -> None:
-    responder = make(dataclasses.replace(SETTINGS, enable_truncate=False))
+    responder = make(dataclasses.replace(CONSUL, enable_truncate=False))
     raw, reply = ask_raw(responder, "many.service.nomad.", qtype)
-    assert len(reply.rr) == SETTINGS.udp_answer_limit
+    assert len(reply.rr) == CONSUL.udp_answer_limit
     assert reply.header.tc == 0
     assert len(raw) <= 512
     assert_glue_matches(reply)

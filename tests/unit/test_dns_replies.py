@@ -223,13 +223,19 @@ def test_recursion_replies_are_per_client() -> None:
     assert kept(responder) == 0
 
 
-def test_kept_replies_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(responder_module, "MAX_CACHED", 10)
-    responder = make()
-    for n in range(35):
+def test_kept_replies_are_bounded() -> None:
+    budget = 8 * 1024  # a few dozen small entries
+    responder = make(cache_max_bytes=budget)
+    for n in range(200):
         reply = dc.ask(responder, dc.query(f"nx{n}.service.nomad.", "A"))
         assert dc.rcode_name(reply) == "NXDOMAIN"
-        assert kept(responder) <= 10
+        assert 0 < responder.cache_bytes <= budget
+    assert 0 < kept(responder) < 200
+    # least recently used out first: the last question is kept, the first is gone
+    last = dc.query("nx199.service.nomad.", "A")
+    first = dc.query("nx0.service.nomad.", "A")
+    assert responder_module.reply_key(last, 1232) in responder._replies
+    assert responder_module.reply_key(first, 1232) not in responder._replies
 
 
 def test_settings_change_drops_the_kept_replies() -> None:
