@@ -40,7 +40,6 @@ reason in StatusDescription; DELETE forgets it.
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections import OrderedDict
@@ -49,7 +48,7 @@ from typing import Any
 
 from discovery.acl import Access
 from discovery.allocations import JobFailed, JobRunner
-from discovery.api import ApiContext, ApiError, ApiRequest, ApiResponse, Route
+from discovery.api import ApiContext, ApiError, ApiRequest, ApiResponse, Route, decode_json
 from discovery.api_consul_node import node_id
 from discovery.errors import NotFoundError, StateError, ValidationError
 from discovery.jobplan import render_plan
@@ -234,9 +233,9 @@ def _decode(body: bytes) -> object:
     if not body:
         raise ApiError(400, 'body: a job is required ({"Job": {...}})', "body")
     try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"body: not JSON: {exc}", "body") from None
+        return decode_json(body)  # the API's one decoder (depth and digit limits)
+    except ValidationError as err:
+        raise ApiError.invalid(err) from None
 
 
 def _failed(err: JobFailed) -> ApiError:

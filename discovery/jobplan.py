@@ -28,6 +28,7 @@ waypost's `Allocations`: the action of each allocation.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -218,8 +219,6 @@ def _text(value: Any) -> str:
         return ""
     if isinstance(value, str):
         return value
-    import json
-
     return json.dumps(value, sort_keys=True)
 
 
